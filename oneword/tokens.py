@@ -1,0 +1,224 @@
+"""Placeholder tokens: new words S* whose embedding rows are the only trainable parameters.
+
+Gal et al. (2023) learn one new row v* of the text encoder's embedding matrix while the
+rest of the model stays frozen. We add the token to every tokenizer of the model and swap
+each text encoder's `token_embedding` for `PlaceholderEmbedding`, which reads ids below the
+original vocabulary from the untouched frozen matrix and ids above it from a small fp32
+parameter. So only the new rows get gradients and optimizer state (not the 49k-row
+matrix), and the original rows cannot drift: they are never written.
+
+Multi-vector tokens follow diffusers: "<t>" with K vectors is "<t>", "<t>_1", ...,
+"<t>_{K-1}", and prompts are expanded with `expand_prompt`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import TokenError
+
+
+class PlaceholderEmbedding(nn.Module):
+    """A frozen `nn.Embedding` plus trainable fp32 rows for ids >= its vocabulary size."""
+
+    def __init__(self, base: nn.Embedding):
+        super().__init__()
+        self.base = base
+        self.base_vocab = base.num_embeddings
+        self.rows = nn.Parameter(torch.zeros(0, base.embedding_dim, device=base.weight.device))
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.base.embedding_dim
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.base_vocab + self.rows.shape[0]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The full matrix (base rows, then the new ones), as a plain tensor."""
+        return torch.cat([self.base.weight, self.rows.detach().to(self.base.weight.dtype)])
+
+    def append(self, rows: torch.Tensor) -> list[int]:
+        """Add rows (k, d); returns their ids."""
+        start = self.num_embeddings
+        new = torch.cat([self.rows.data, rows.detach().to(self.rows.device, torch.float32)])
+        self.rows = nn.Parameter(new)
+        return list(range(start, start + rows.shape[0]))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # (b, n) -> (b, n, d); new ids gather from `rows`, the rest from the frozen matrix.
+        is_new = input_ids >= self.base_vocab
+        embeds = self.base(input_ids.clamp(max=self.base_vocab - 1))
+        if self.rows.shape[0] == 0 or not bool(is_new.any()):
+            return embeds
+        new_rows = self.rows[(input_ids - self.base_vocab).clamp(min=0)].to(embeds.dtype)
+        return torch.where(is_new.unsqueeze(-1), new_rows, embeds)
+
+
+@dataclass
+class Placeholder:
+    """A placeholder token added to a model.
+
+    Attributes:
+        token: the trigger word, e.g. "<my-cat>".
+        names: its K sub-token strings ("<my-cat>", "<my-cat>_1", ...).
+        ids: per text encoder, the K token ids.
+        init_text: the initializer text.
+        init_rows: per text encoder, the initial (K, d) fp32 rows (for an L2 pull toward them).
+    """
+
+    token: str
+    names: list[str]
+    ids: list[list[int]]
+    init_text: str
+    init_rows: list[torch.Tensor]
+
+    @property
+    def num_vectors(self) -> int:
+        return len(self.names)
+
+
+def placeholder_embedding(text_encoder) -> PlaceholderEmbedding:
+    """The text encoder's `PlaceholderEmbedding`, installed on first use."""
+    module = text_encoder.get_input_embeddings()
+    if not isinstance(module, PlaceholderEmbedding):
+        module = PlaceholderEmbedding(module)
+        text_encoder.set_input_embeddings(module)
+    return module
+
+
+def sub_token_names(token: str, num_vectors: int) -> list[str]:
+    return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
+
+
+def initial_rows(tokenizer, text_encoder, init_text: str, num_vectors: int) -> torch.Tensor:
+    """(K, d) fp32 initial rows from `init_text` ("dog", "red star", ...).
+
+    The text is tokenized without special tokens. With exactly K sub-tokens each vector
+    starts from one of them; otherwise every vector starts from their mean (several words
+    are averaged, never truncated to the first).
+    """
+    ids = tokenizer(init_text, add_special_tokens=False).input_ids
+    if not ids:
+        raise TokenError(
+            f"initializer text {init_text!r} has no tokens; pass a word such as the concept's class ('dog')"
+        )
+    table = placeholder_embedding(text_encoder)
+    if any(i >= table.num_embeddings for i in ids):
+        raise TokenError(
+            f"initializer text {init_text!r} uses a token this text encoder has no row for"
+        )
+    with torch.no_grad():
+        rows = table(torch.tensor([ids], device=table.base.weight.device))[0].float()  # (n, d)
+    if len(ids) == num_vectors:
+        return rows.clone()
+    return rows.mean(0, keepdim=True).repeat(num_vectors, 1)
+
+
+def add_placeholder(
+    model,
+    token: str,
+    init_text: str,
+    num_vectors: int = 1,
+    *,
+    init_rows: Sequence[torch.Tensor] | None = None,
+) -> Placeholder:
+    """Add `token` with K vectors to every tokenizer and text encoder of `model`.
+
+    Args:
+        model: a `LoadedModel` (or anything with `tokenizers` and `text_encoders` lists).
+        token: the new word; must not exist yet and must tokenize to exactly its new ids.
+        init_text: initializer word(s), e.g. the class word.
+        num_vectors: K >= 1.
+        init_rows: optional per-encoder (K, d) rows to start from instead (a warm start).
+
+    Returns:
+        The `Placeholder`, with its ids per text encoder.
+    """
+    if num_vectors < 1:
+        raise TokenError(f"--vectors must be >= 1, got {num_vectors}")
+    if not token or re.search(r"\s", token):
+        raise TokenError(
+            f"placeholder token {token!r} must be one word without spaces, e.g. '<my-dog>'"
+        )
+    names = sub_token_names(token, num_vectors)
+    if init_rows is not None and len(init_rows) != len(model.text_encoders):
+        raise TokenError(
+            f"warm start has rows for {len(init_rows)} text encoder(s) but the model has {len(model.text_encoders)}"
+        )
+    for tokenizer in model.tokenizers:
+        vocab = tokenizer.get_vocab()
+        for name in names:
+            if name in vocab or name.lower() in vocab or f"{name.lower()}</w>" in vocab:
+                raise TokenError(
+                    f"token {name!r} already exists in the tokenizer's vocabulary; "
+                    "pick a new string such as '<my-concept>' (or load a different model)"
+                )
+    ids_per_encoder, rows_per_encoder = [], []
+    for index, (tokenizer, text_encoder) in enumerate(zip(model.tokenizers, model.text_encoders)):
+        table = placeholder_embedding(text_encoder)
+        if init_rows is not None:
+            rows = init_rows[index].detach().float()
+            if tuple(rows.shape) != (num_vectors, table.embedding_dim):
+                raise TokenError(
+                    f"warm-start rows for text encoder {index} have shape {tuple(rows.shape)}, "
+                    f"expected ({num_vectors}, {table.embedding_dim})"
+                )
+        else:
+            rows = initial_rows(tokenizer, text_encoder, init_text, num_vectors)
+        added = tokenizer.add_tokens(names)
+        ids = tokenizer.convert_tokens_to_ids(names)
+        if added != num_vectors or ids != list(
+            range(table.num_embeddings, table.num_embeddings + num_vectors)
+        ):
+            raise TokenError(
+                f"token {token!r} could not be added as {num_vectors} new id(s) "
+                f"(tokenizer {index} has {len(tokenizer)} entries, embedding {table.num_embeddings} rows)"
+            )
+        for name, expected in zip(names, ids):
+            if tokenizer(name, add_special_tokens=False).input_ids != [expected]:
+                raise TokenError(
+                    f"token {name!r} does not tokenize to its own id; use a token without "
+                    "characters the tokenizer splits off, e.g. '<my-concept>'"
+                )
+        table.append(rows)
+        ids_per_encoder.append(ids)
+        rows_per_encoder.append(rows.clone())
+    return Placeholder(token, names, ids_per_encoder, init_text, rows_per_encoder)
+
+
+def trainable_rows(model) -> list[nn.Parameter]:
+    """The new-row parameters of each text encoder (the only things an optimizer needs)."""
+    return [placeholder_embedding(te).rows for te in model.text_encoders]
+
+
+def get_rows(model, placeholder: Placeholder) -> list[torch.Tensor]:
+    """Per text encoder, the placeholder's current (K, d) fp32 rows (detached copies)."""
+    out = []
+    for text_encoder, ids in zip(model.text_encoders, placeholder.ids):
+        table = placeholder_embedding(text_encoder)
+        out.append(table.rows.detach()[[i - table.base_vocab for i in ids]].clone())
+    return out
+
+
+def set_rows(model, placeholder: Placeholder, rows: Sequence[torch.Tensor]) -> None:
+    """Overwrite the placeholder's rows (per text encoder, (K, d))."""
+    for text_encoder, ids, value in zip(model.text_encoders, placeholder.ids, rows):
+        table = placeholder_embedding(text_encoder)
+        with torch.no_grad():
+            table.rows[[i - table.base_vocab for i in ids]] = value.to(table.rows)
+
+
+def expand_prompt(prompt: str, placeholders: Sequence[Placeholder]) -> str:
+    """Replace each multi-vector token by its K sub-tokens ("<t>" -> "<t> <t>_1 <t>_2")."""
+    for p in sorted(placeholders, key=lambda p: -len(p.token)):
+        if p.num_vectors > 1:
+            prompt = re.sub(rf"(?<!\S){re.escape(p.token)}(?![_\w])", " ".join(p.names), prompt)
+    return prompt
