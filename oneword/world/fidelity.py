@@ -1,0 +1,209 @@
+"""Prompt fidelity of the world model, judged by the oracle.
+
+For captions that name every attribute (named values only), sample images and ask the
+oracle what it sees: per attribute, the share of samples whose value matches the caption,
+and the share where all of them match at once. This is the bar that makes the world model
+fit to judge inversion (a token can only be as good as the model it lives in).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..datasets import world
+from .oracle import Oracle
+
+
+@torch.no_grad()
+def ddim_sample(
+    unet,
+    vae,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    *,
+    steps: int = 30,
+    guidance: float = 5.0,
+    generator: torch.Generator | None = None,
+    scaling: float | None = None,
+) -> torch.Tensor:
+    """Classifier-free-guided DDIM sampling; cond/uncond (b, 77, d) -> uint8 images (b, 3, H, W)."""
+    from diffusers import DDIMScheduler
+
+    from .train import noise_scheduler_config
+
+    scheduler = DDIMScheduler.from_config(noise_scheduler_config())
+    scheduler.set_timesteps(steps)
+    device = cond.device
+    size = unet.config.sample_size
+    latents = torch.randn((cond.shape[0], 4, size, size), generator=generator).to(device)
+    dtype = next(unet.parameters()).dtype
+    for t in scheduler.timesteps:
+        both = torch.cat([latents, latents]).to(dtype)
+        prediction = unet(both, t, torch.cat([uncond, cond]).to(dtype)).sample.float()
+        uncond_eps, cond_eps = prediction.chunk(2)
+        eps = uncond_eps + guidance * (cond_eps - uncond_eps)
+        latents = scheduler.step(eps, t, latents).prev_sample
+    scaling = scaling if scaling is not None else vae.config.scaling_factor
+    images = vae.decode((latents / scaling).to(next(vae.parameters()).dtype)).sample.float()
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def fidelity_captions(n: int, seed: int) -> tuple[list[world.Scene], list[str]]:
+    scenes = world.sample_scenes(n, torch.Generator().manual_seed(seed), named_only=True)
+    return scenes, [world.full_caption(s) for s in scenes]
+
+
+def score(oracle: Oracle, images: torch.Tensor, scenes) -> dict:
+    """Per-attribute agreement between the oracle's reading and the scenes, plus all at once."""
+    predicted = oracle.predict(images)
+    result, all_right = {}, torch.ones(len(scenes), dtype=torch.bool)
+    for attribute in world.ATTRIBUTES:
+        right = torch.tensor(
+            [p == getattr(s, attribute) for p, s in zip(predicted[attribute], scenes)]
+        )
+        result[attribute] = float(right.float().mean())
+        all_right &= right
+    result["all"] = float(all_right.float().mean())
+    return result
+
+
+@torch.no_grad()
+def quick_fidelity(
+    unet, vae, tokenizer, text_encoder, cfg, device, *, steps: int = 20, guidance: float = 5.0
+) -> dict:
+    """A fast fidelity check during training (fewer DDIM steps, `cfg.fidelity_captions` captions)."""
+    from .train import tokenize
+
+    oracle = Oracle.load(Path(cfg.out) / "oracle", device)
+    scenes, captions = fidelity_captions(cfg.fidelity_captions, seed=cfg.seed + 1234)
+    cond = text_encoder(tokenize(tokenizer, captions, device))[0]
+    uncond = text_encoder(tokenize(tokenizer, [""] * len(captions), device))[0]
+    images = torch.cat(
+        [
+            ddim_sample(
+                unet,
+                vae,
+                cond[i : i + 128],
+                uncond[i : i + 128],
+                steps=steps,
+                guidance=guidance,
+                generator=torch.Generator().manual_seed(cfg.seed + i),
+            )
+            for i in range(0, len(captions), 128)
+        ]
+    )
+    return score(oracle, images, scenes)
+
+
+def measure_fidelity(
+    model_dir: str | Path,
+    *,
+    captions: int = 240,
+    samples: int = 1,
+    steps: int = 30,
+    guidance: float = 5.0,
+    seed: int = 0,
+    device: str | None = None,
+    grid: str | Path | None = None,
+) -> dict:
+    """Fidelity of a world pipeline loaded through diffusers' own `StableDiffusionPipeline`.
+
+    Args:
+        model_dir: the world folder (with oracle/).
+        captions: number of fully named captions; samples: images per caption.
+        steps, guidance: DDIM steps and classifier-free guidance scale.
+        grid: optional PNG path for a caption -> samples grid (first 8 captions).
+
+    Returns:
+        {"per_attribute": {...}, "all": float, "n": int, ...}.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    from ..images import save_grid
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(model_dir), local_files_only=True, torch_dtype=torch.float32
+    ).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    oracle = Oracle.load(Path(model_dir) / "oracle", device)
+    scenes, texts = fidelity_captions(captions, seed)
+    all_scenes, images = [], []
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, len(texts), 32), desc="fidelity"):
+        batch = texts[start : start + 32]
+        out = pipe(
+            batch,
+            num_images_per_prompt=samples,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(seed + start),
+            output_type="pt",
+        )
+        images.append((out.images * 255).round().to(torch.uint8).cpu())
+        all_scenes += [s for s in scenes[start : start + 32] for _ in range(samples)]
+    pixels = torch.cat(images)
+    result = score(oracle, pixels, all_scenes)
+    report = {
+        "per_attribute": {a: result[a] for a in world.ATTRIBUTES},
+        "all": result["all"],
+        "n": len(all_scenes),
+        "captions": captions,
+        "samples_per_caption": samples,
+        "steps": steps,
+        "guidance": guidance,
+        "seed": seed,
+        "device": str(device),
+    }
+    if grid is not None:
+        from ..images import tensor_to_images
+
+        rows = min(8, captions)
+        chosen = torch.cat([pixels[i * samples : (i + 1) * samples] for i in range(rows)])
+        save_grid(
+            tensor_to_images(chosen.float() / 127.5 - 1),
+            grid,
+            columns=samples,
+            labels=[texts[i] for i in range(rows)],
+        )
+    return report
+
+
+def add_fidelity_parser(sub) -> None:
+    parser = sub.add_parser(
+        "fidelity", help="measure the world model's prompt fidelity with the oracle"
+    )
+    parser.add_argument("--model", default="checkpoints/world")
+    parser.add_argument("--captions", type=int, default=240)
+    parser.add_argument("--samples", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grid", default=None, help="PNG of caption -> samples")
+    parser.add_argument("--json", default=None, help="write the report here")
+    parser.set_defaults(func=run_fidelity)
+
+
+def run_fidelity(args) -> int:
+    report = measure_fidelity(
+        args.model,
+        captions=args.captions,
+        samples=args.samples,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        grid=args.grid,
+    )
+    print("| attribute | right |\n|---|---|")
+    for attribute, value in report["per_attribute"].items():
+        print(f"| {attribute} | {value:.1%} |")
+    print(f"| all at once | {report['all']:.1%} |")
+    if args.json:
+        from ..io import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(report, indent=2))
+    return 0

@@ -1,0 +1,881 @@
+"""Train the miniature world from scratch: CLIP, VAE, oracle, UNet — `oneword world train`.
+
+The result is a standard diffusers `StableDiffusionPipeline` folder (tokenizer/, text_encoder/,
+unet/, vae/, scheduler/, plus the CLIP vision tower as image_encoder/ and the oracle as
+oracle/), loadable offline by any diffusers-based tool. Stages run in order and each is
+resumable: its state (weights, optimizer, step, RNG and data-stream state) is saved
+atomically every `save_every` steps under `--work`, and a finished stage is exported into
+the output folder and skipped on the next run.
+
+Design (see shared world notes): latent space (64x64 -> 16x16x4), SD's noise schedule,
+a UNet conditioned on the frozen CLIP text tower, caption dropout for classifier-free
+guidance. The CLIP is trained on captions that name every value, unnamed ones included,
+plus an attribute-classification head on its image features, so its image features
+separate values that the UNet's captions never name (the encoder needs that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..datasets import world
+from ..io import atomic_path, atomic_write_text
+from .oracle import Oracle, OracleConfig, oracle_accuracy
+
+STAGES = ("clip", "vae", "oracle", "unet")
+
+
+@dataclass
+class WorldTrainConfig:
+    out: str = "checkpoints/world"  # the diffusers folder that ships
+    work: str = ".world-train"  # resumable stage states (not shipped)
+    seed: int = 0
+    resolution: int = 64
+    device: str = "auto"
+    stages: tuple[str, ...] = STAGES
+    save_every: int = 500  # steps between resumable checkpoints
+    # Optional wall-time caps per stage ({"unet": 300, ...}); a capped stage ends early, still
+    # exports its weights, and the UNet's learning-rate schedule follows elapsed time instead.
+    stage_seconds: dict = field(default_factory=dict)
+    # CLIP (text + vision towers, contrastive + attribute heads on image features)
+    clip_steps: int = 3000
+    clip_batch: int = 256
+    clip_lr: float = 5e-4
+    clip_aux_weight: float = (
+        1.0  # attribute classification on image features (the "image-only objective")
+    )
+    text_width: int = 128  # token-embedding width d of the learned words
+    text_layers: int = 4
+    vision_width: int = 192
+    vision_layers: int = 4
+    projection_dim: int = 128
+    # VAE (64x64x3 <-> 16x16x4)
+    vae_steps: int = 3000
+    vae_batch: int = 64
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    vae_channels: tuple[int, ...] = (32, 64, 64)
+    # oracle
+    oracle_steps: int = 1500
+    oracle_batch: int = 256
+    oracle_lr: float = 1e-3
+    # UNet
+    unet_steps: int = 20000
+    unet_batch: int = 96
+    unet_lr: float = 3e-4
+    unet_warmup: int = 200
+    unet_channels: tuple[int, ...] = (64, 128, 128)
+    unet_layers: int = 2
+    caption_dropout: float = 0.1  # empty caption for classifier-free guidance
+    ema_decay: float = 0.999
+    fidelity_every: int = 0  # steps between quick oracle checks of samples (0 = only at the end)
+    fidelity_captions: int = 64
+    mixed_precision: str = "bf16"  # on CUDA only; the CPU trains in fp32
+    extra: dict = field(default_factory=dict)
+
+
+PRESETS: dict[str, dict] = {
+    # Seconds on a CPU; for tests and first contact. Quality: none.
+    "tiny": dict(
+        clip_steps=4,
+        clip_batch=8,
+        text_width=32,
+        text_layers=1,
+        vision_width=32,
+        vision_layers=1,
+        projection_dim=16,
+        vae_steps=4,
+        vae_batch=4,
+        vae_channels=(8, 16, 16),
+        oracle_steps=4,
+        oracle_batch=8,
+        unet_steps=4,
+        unet_batch=4,
+        unet_channels=(16, 32, 32),
+        unet_layers=1,
+        unet_warmup=1,
+        save_every=2,
+        fidelity_captions=4,
+    ),
+    # The 2-hour budget on a 2-core CPU.
+    "cpu": dict(
+        clip_steps=1500,
+        clip_batch=128,
+        vae_steps=800,
+        vae_batch=32,
+        oracle_steps=800,
+        oracle_batch=128,
+        unet_steps=4000,
+        unet_batch=96,
+        fidelity_every=1000,
+    ),
+    # One GPU (minutes).
+    "gpu": dict(
+        clip_steps=4000,
+        clip_batch=512,
+        vae_steps=3000,
+        vae_batch=128,
+        oracle_steps=2000,
+        oracle_batch=512,
+        unet_steps=30000,
+        unet_batch=256,
+        unet_lr=5e-4,
+        unet_warmup=500,
+        ema_decay=0.9995,
+        fidelity_every=2000,
+        fidelity_captions=256,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _device(cfg: WorldTrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def _autocast(device: torch.device, cfg: WorldTrainConfig):
+    enabled = device.type == "cuda" and cfg.mixed_precision in ("bf16", "fp16")
+    dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+
+
+class Batches:
+    """An endless, seeded, resumable stream of rendered scenes with captions and labels."""
+
+    def __init__(self, seed: int, resolution: int, device: torch.device):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.rng = random.Random(seed)
+        self.resolution = resolution
+        self.device = device
+
+    def next(
+        self, n: int, *, name_all: bool = False, drop_prob: float = 0.0, named_only: bool = False
+    ):
+        scenes = world.sample_scenes(n, self.generator, named_only=named_only)
+        pixels = world.render(scenes, self.resolution, device=self.device)  # (n, 3, H, W) uint8
+        captions = world.caption_batch(scenes, self.rng, name_all=name_all, drop_prob=drop_prob)
+        return pixels, captions, world.labels(scenes), scenes
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.rng.setstate(state["rng"])
+
+
+def to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (b, 3, H, W) -> float in [-1, 1] (the VAE's and our CLIP's input range)."""
+    return pixels.float() / 127.5 - 1.0
+
+
+def tokenize(tokenizer, captions: list[str], device: torch.device) -> torch.Tensor:
+    # Exactly as diffusers' SD pipelines do: pad to 77, truncate, no attention mask.
+    return tokenizer(
+        captions,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(device)
+
+
+class StageState:
+    """Atomic, resumable state of one stage: `work/<stage>/state.pt` and a `done` marker."""
+
+    def __init__(self, cfg: WorldTrainConfig, stage: str):
+        self.folder = Path(cfg.work) / stage
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path = self.folder / "state.pt"
+
+    @property
+    def done(self) -> bool:
+        return (self.folder / "done").exists()
+
+    def mark_done(self, info: dict) -> None:
+        atomic_write_text(self.folder / "done", json.dumps(info, indent=2))
+
+    def save(self, state: dict) -> None:
+        with atomic_path(self.path) as tmp:
+            torch.save(state, tmp)
+
+    def load(self) -> dict | None:
+        if not self.path.exists():
+            return None
+        return torch.load(self.path, map_location="cpu", weights_only=False)  # our own file
+
+
+def _log(cfg: WorldTrainConfig, stage: str, record: dict) -> None:
+    path = Path(cfg.work) / "log.jsonl"
+    with open(path, "a") as handle:
+        handle.write(json.dumps({"stage": stage, **record}) + "\n")
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def build_clip(cfg: WorldTrainConfig):
+    from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+
+    from ..tokenizer import CLIP_VOCAB_SIZE
+
+    text = CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=cfg.text_width,
+        intermediate_size=4 * cfg.text_width,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=max(1, cfg.text_width // 32),
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        projection_dim=cfg.projection_dim,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=cfg.vision_width,
+        intermediate_size=4 * cfg.vision_width,
+        num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=max(1, cfg.vision_width // 48),
+        image_size=cfg.resolution,
+        patch_size=8,
+        hidden_act="quick_gelu",
+        projection_dim=cfg.projection_dim,
+    )
+    from transformers import CLIPModel
+
+    return CLIPModel(
+        CLIPConfig(
+            text_config=text.to_dict(),
+            vision_config=vision.to_dict(),
+            projection_dim=cfg.projection_dim,
+        )
+    )
+
+
+def build_vae(cfg: WorldTrainConfig):
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.vae_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=tuple(cfg.vae_channels),
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=cfg.resolution,
+    )
+
+
+def build_unet(cfg: WorldTrainConfig, latent_size: int):
+    from diffusers import UNet2DConditionModel
+
+    channels = tuple(cfg.unet_channels)
+    n = len(channels)
+    return UNet2DConditionModel(
+        sample_size=latent_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=channels,
+        layers_per_block=cfg.unet_layers,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        cross_attention_dim=cfg.text_width,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def noise_scheduler_config() -> dict:
+    # Stable Diffusion's schedule (scaled-linear betas 0.00085 -> 0.012, 1000 steps, epsilon).
+    from ..tiny import _scheduler_config
+
+    return _scheduler_config("epsilon")
+
+
+def _half_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        k: v.detach().to(torch.float16).contiguous().cpu() for k, v in module.state_dict().items()
+    }
+
+
+def _save_fp16(module, folder: Path) -> None:
+    """save_pretrained with fp16 weights (half the size) but dtype float32 in the config, so
+    `from_pretrained` without torch_dtype still gives an fp32 model (CPU-friendly)."""
+    module = copy.deepcopy(module).to("cpu", torch.float16)
+    module.save_pretrained(folder, safe_serialization=True)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    for key in ("torch_dtype", "dtype"):
+        if key in config:
+            config[key] = "float32"
+    config_path.write_text(json.dumps(config, indent=2))
+
+
+def load_clip_parts(out: Path, device: torch.device):
+    """The exported text tower (CLIPTextModel) and tokenizer, frozen."""
+    from transformers import CLIPTextModel
+
+    from ..tokenizer import load_clip_tokenizer
+
+    text_encoder = CLIPTextModel.from_pretrained(out / "text_encoder", torch_dtype=torch.float32)
+    return load_clip_tokenizer(out / "tokenizer"), text_encoder.to(device).eval().requires_grad_(
+        False
+    )
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def _run_loop(
+    cfg,
+    stage: str,
+    steps: int,
+    state: StageState,
+    modules: dict,
+    optimizer,
+    batches: Batches,
+    step_fn,
+    start_step: int,
+    scheduler=None,
+    started: float | None = None,
+) -> int:
+    """The shared outer loop: step -> log -> periodic save; stops at `steps` or the time cap."""
+    start = started or time.time()
+    cap = float(cfg.stage_seconds.get(stage, 0) or 0)
+    bar = tqdm(range(start_step, steps), desc=f"world {stage}", initial=start_step, total=steps)
+    step = start_step
+    for step in bar:
+        loss, info = step_fn()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(
+            [p for m in modules.values() for p in m.parameters() if p.requires_grad], 1.0
+        )
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        if "ema" in info:
+            info.pop("ema")()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            _log(
+                cfg,
+                stage,
+                {"step": step + 1, "loss": loss.item(), "seconds": time.time() - start, **info},
+            )
+        if (step + 1) % cfg.save_every == 0 or step + 1 == steps:
+            state.save(_snapshot(modules, optimizer, batches, step + 1, scheduler))
+        if cap and time.time() - start > cap:
+            state.save(_snapshot(modules, optimizer, batches, step + 1, scheduler))
+            return step + 1
+    return step + 1
+
+
+def _snapshot(modules, optimizer, batches, step, scheduler) -> dict:
+    return {
+        "modules": {k: m.state_dict() for k, m in modules.items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "batches": batches.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "step": step,
+    }
+
+
+def _restore(snapshot, modules, optimizer, batches, scheduler) -> int:
+    for k, m in modules.items():
+        m.load_state_dict(snapshot["modules"][k])
+    optimizer.load_state_dict(snapshot["optimizer"])
+    if scheduler is not None and snapshot.get("scheduler"):
+        scheduler.load_state_dict(snapshot["scheduler"])
+    batches.load_state_dict(snapshot["batches"])
+    torch.set_rng_state(snapshot["torch_rng"])
+    if snapshot.get("cuda_rng") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(snapshot["cuda_rng"])
+    return int(snapshot["step"])
+
+
+def train_clip(cfg: WorldTrainConfig, device: torch.device) -> dict:
+    """Contrastive CLIP on captions naming every value + attribute heads on image features."""
+    from transformers import CLIPVisionModelWithProjection
+
+    from ..tokenizer import load_clip_tokenizer, write_clip_tokenizer
+
+    out = Path(cfg.out)
+    if not (out / "tokenizer" / "vocab.json").exists():
+        write_clip_tokenizer(out / "tokenizer")
+    tokenizer = load_clip_tokenizer(out / "tokenizer")
+    clip = build_clip(cfg).to(device)
+    heads = nn.ModuleDict(
+        {a: nn.Linear(cfg.vision_width, len(world.VALUES[a])) for a in world.ATTRIBUTES}
+    ).to(device)
+    optimizer = torch.optim.AdamW(
+        [*clip.parameters(), *heads.parameters()], lr=cfg.clip_lr, weight_decay=0.05
+    )
+    batches = Batches(cfg.seed + 1, cfg.resolution, device)
+    state = StageState(cfg, "clip")
+    modules = {"clip": clip, "heads": heads}
+    start_step = (
+        _restore(state.load(), modules, optimizer, batches, None) if state.path.exists() else 0
+    )
+
+    def step_fn():
+        pixels, captions, labels, _ = batches.next(cfg.clip_batch, name_all=True)
+        input_ids = tokenizer(
+            captions, padding=True, truncation=True, max_length=77, return_tensors="pt"
+        ).input_ids.to(device)
+        with _autocast(device, cfg):
+            output = clip(input_ids=input_ids, pixel_values=to_unit(pixels), return_loss=True)
+            pooled = output.vision_model_output.last_hidden_state[:, 0]  # class token (b, width)
+            aux = sum(
+                F.cross_entropy(heads[a](pooled).float(), labels[a].to(device))
+                for a in world.ATTRIBUTES
+            )
+        return output.loss + cfg.clip_aux_weight * aux, {"aux": aux.item()}
+
+    clip.train()
+    steps = _run_loop(
+        cfg, "clip", cfg.clip_steps, state, modules, optimizer, batches, step_fn, start_step
+    )
+
+    # Zero-shot check on fresh renders: does the image feature pick the right attribute value
+    # among prompts that name each value? (reported in the model card)
+    clip.eval()
+    accuracy = clip_zero_shot(clip, tokenizer, device, cfg.resolution, seed=cfg.seed + 99)
+    probe = {
+        a: float(v)
+        for a, v in _head_accuracy(clip, heads, device, cfg.resolution, cfg.seed + 98).items()
+    }
+
+    # Export: the text tower as the pipeline's text_encoder, the vision tower as image_encoder.
+    from transformers import CLIPImageProcessor, CLIPTextModel
+
+    text_encoder = CLIPTextModel(clip.config.text_config)
+    text_encoder.load_state_dict(clip.text_model.state_dict(), strict=False)
+    _save_fp16(text_encoder, out / "text_encoder")
+    vision = CLIPVisionModelWithProjection(clip.config.vision_config)
+    vision.load_state_dict(
+        {
+            k: v
+            for k, v in clip.state_dict().items()
+            if k.startswith(("vision_model.", "visual_projection."))
+        }
+    )
+    _save_fp16(vision, out / "image_encoder")
+    CLIPImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": cfg.resolution},
+        do_center_crop=True,
+        crop_size={"height": cfg.resolution, "width": cfg.resolution},
+        do_normalize=True,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    ).save_pretrained(out / "feature_extractor")
+    from safetensors.torch import save_file
+
+    # The text projection and temperature complete the CLIP for CLIP-T scoring.
+    with atomic_path(out / "image_encoder" / "text_projection.safetensors") as tmp:
+        save_file(
+            {
+                "text_projection.weight": clip.text_projection.weight.detach().cpu().contiguous(),
+                "logit_scale": clip.logit_scale.detach().cpu().reshape(1),
+            },
+            str(tmp),
+        )
+    info = {"steps": steps, "zero_shot_accuracy": accuracy, "linear_head_accuracy": probe}
+    state.mark_done(info)
+    return info
+
+
+def _tensor(features) -> torch.Tensor:
+    # transformers >= 5 returns a model output whose pooler_output is the projected feature.
+    return features if isinstance(features, torch.Tensor) else features.pooler_output
+
+
+@torch.no_grad()
+def clip_zero_shot(
+    clip, tokenizer, device, resolution: int, seed: int, n: int = 512
+) -> dict[str, float]:
+    """Per attribute: share of fresh renders whose image feature is closest to the prompt
+    naming the right value ("a {value} object", "... background", ...)."""
+    scenes = world.sample_scenes(n, torch.Generator().manual_seed(seed))
+    pixels = world.render(scenes, resolution, device=device)
+    image = F.normalize(
+        _tensor(clip.get_image_features(pixel_values=to_unit(pixels))).float(), dim=-1
+    )
+    labels = world.labels(scenes)
+    phrases = {
+        "shape": "a {}",
+        "colour": "a {} object",
+        "pattern": "a {} object",
+        "background": "an object on a {} background",
+        "size": "a {} object",
+        "position": "an object at the {}",
+    }
+    result = {}
+    for attribute, template in phrases.items():
+        values = world.VALUES[attribute]
+        ids = tokenizer(
+            [template.format(v) for v in values], padding=True, return_tensors="pt"
+        ).input_ids.to(device)
+        text = F.normalize(_tensor(clip.get_text_features(input_ids=ids)).float(), dim=-1)
+        predicted = (image @ text.T).argmax(-1).cpu()
+        result[attribute] = float((predicted == labels[attribute]).float().mean())
+    return result
+
+
+@torch.no_grad()
+def _head_accuracy(
+    clip, heads, device, resolution: int, seed: int, n: int = 512
+) -> dict[str, float]:
+    scenes = world.sample_scenes(n, torch.Generator().manual_seed(seed))
+    pooled = clip.vision_model(
+        pixel_values=to_unit(world.render(scenes, resolution, device=device))
+    ).last_hidden_state[:, 0]
+    labels = world.labels(scenes)
+    return {
+        a: float((heads[a](pooled).argmax(-1).cpu() == labels[a]).float().mean())
+        for a in world.ATTRIBUTES
+    }
+
+
+def train_vae(cfg: WorldTrainConfig, device: torch.device) -> dict:
+    """AutoencoderKL with L1 + L2 reconstruction and a tiny KL (SD's VAE is KL-regularised too)."""
+    vae = build_vae(cfg).to(device)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    batches = Batches(cfg.seed + 2, cfg.resolution, device)
+    state = StageState(cfg, "vae")
+    modules = {"vae": vae}
+    start_step = (
+        _restore(state.load(), modules, optimizer, batches, None) if state.path.exists() else 0
+    )
+
+    def step_fn():
+        pixels, *_ = batches.next(cfg.vae_batch)
+        x = to_unit(pixels)
+        with _autocast(device, cfg):
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.sample()).sample.float()
+        kl = posterior.kl().mean()
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + cfg.vae_kl_weight * kl
+        return loss, {"kl": kl.item()}
+
+    vae.train()
+    steps = _run_loop(
+        cfg, "vae", cfg.vae_steps, state, modules, optimizer, batches, step_fn, start_step
+    )
+    vae.eval()
+    # Scale latents to unit variance, as SD does with its 0.18215.
+    with torch.no_grad():
+        pixels, *_ = Batches(cfg.seed + 3, cfg.resolution, device).next(512)
+        latents = vae.encode(to_unit(pixels)).latent_dist.sample()
+        scaling = float(1.0 / latents.float().std())
+        recon = vae.decode(latents).sample.clamp(-1, 1)
+        psnr = float(10 * torch.log10(4.0 / F.mse_loss(recon, to_unit(pixels))))
+    vae.register_to_config(scaling_factor=scaling)
+    _save_fp16(vae, Path(cfg.out) / "vae")
+    info = {"steps": steps, "scaling_factor": scaling, "psnr_db": psnr}
+    state.mark_done(info)
+    return info
+
+
+def load_vae(cfg: WorldTrainConfig, device):
+    from diffusers import AutoencoderKL
+
+    return (
+        AutoencoderKL.from_pretrained(Path(cfg.out) / "vae", torch_dtype=torch.float32)
+        .to(device)
+        .eval()
+        .requires_grad_(False)
+    )
+
+
+def train_oracle(cfg: WorldTrainConfig, device: torch.device) -> dict:
+    """Attribute classifier on clean renders and on their VAE reconstructions (samples come
+    out of the VAE decoder, so the oracle must read those too)."""
+    vae = load_vae(cfg, device)
+    oracle = Oracle(
+        OracleConfig(
+            resolution=cfg.resolution,
+            attributes={a: list(world.VALUES[a]) for a in world.ATTRIBUTES},
+        )
+    ).to(device)
+    optimizer = torch.optim.AdamW(oracle.parameters(), lr=cfg.oracle_lr, weight_decay=0.01)
+    batches = Batches(cfg.seed + 4, cfg.resolution, device)
+    state = StageState(cfg, "oracle")
+    modules = {"oracle": oracle}
+    start_step = (
+        _restore(state.load(), modules, optimizer, batches, None) if state.path.exists() else 0
+    )
+
+    def step_fn():
+        pixels, _, labels, _ = batches.next(cfg.oracle_batch)
+        x = to_unit(pixels)
+        half = x.shape[0] // 2
+        with torch.no_grad():
+            x[:half] = vae.decode(vae.encode(x[:half]).latent_dist.sample()).sample.clamp(-1, 1)
+        with _autocast(device, cfg):
+            return oracle.loss(x, labels), {}
+
+    oracle.train()
+    steps = _run_loop(
+        cfg, "oracle", cfg.oracle_steps, state, modules, optimizer, batches, step_fn, start_step
+    )
+    oracle.eval()
+    pixels, _, labels, _ = Batches(cfg.seed + 5, cfg.resolution, device).next(2048)
+    accuracy = oracle_accuracy(oracle, pixels, labels)
+    oracle.save(Path(cfg.out) / "oracle")
+    info = {"steps": steps, "accuracy_fresh_renders": accuracy}
+    state.mark_done(info)
+    return info
+
+
+def train_unet(cfg: WorldTrainConfig, device: torch.device) -> dict:
+    """The denoiser: epsilon-prediction MSE on VAE latents, conditioned on the frozen text tower."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    out = Path(cfg.out)
+    tokenizer, text_encoder = load_clip_parts(out, device)
+    vae = load_vae(cfg, device)
+    scaling = float(vae.config.scaling_factor)
+    noise_scheduler = DDPMScheduler.from_config(noise_scheduler_config())
+    latent_size = cfg.resolution // 2 ** (len(cfg.vae_channels) - 1)
+    unet = build_unet(cfg, latent_size).to(device)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
+    warmup = max(1, cfg.unet_warmup)
+
+    cap = float(cfg.stage_seconds.get("unet", 0) or 0)
+    started = time.time()
+
+    def lr_factor(s: int) -> float:  # linear warmup, then cosine down to 10%
+        progress = s / max(1, cfg.unet_steps)
+        if cap:
+            progress = max(progress, (time.time() - started) / cap)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * cosine)
+
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    batches = Batches(cfg.seed + 6, cfg.resolution, device)
+    state = StageState(cfg, "unet")
+    modules = {"unet": unet, "ema": ema}
+    start_step = (
+        _restore(state.load(), modules, optimizer, batches, lr_schedule)
+        if state.path.exists()
+        else 0
+    )
+    alphas = noise_scheduler.alphas_cumprod.to(device)
+
+    def update_ema():
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), unet.parameters()):
+                e.lerp_(p.detach(), 1 - cfg.ema_decay)
+
+    def step_fn():
+        pixels, captions, *_ = batches.next(cfg.unet_batch, drop_prob=cfg.caption_dropout)
+        with torch.no_grad():
+            latents = vae.encode(to_unit(pixels)).latent_dist.sample() * scaling  # (b, 4, 16, 16)
+            hidden = text_encoder(tokenize(tokenizer, captions, device))[0]  # (b, 77, d)
+        noise = torch.randn_like(latents)
+        t = torch.randint(
+            0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=device
+        )
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        with _autocast(device, cfg):
+            prediction = unet(noisy, t, hidden).sample.float()
+        return F.mse_loss(prediction, noise), {
+            "ema": update_ema,
+            "lr": lr_schedule.get_last_lr()[0],
+        }
+
+    history = []
+    unet.train()
+    total = cfg.unet_steps
+    step = start_step
+    chunk = cfg.fidelity_every or total
+    from .fidelity import quick_fidelity
+
+    while step < total:
+        target = min(total, (step // chunk + 1) * chunk)
+        step = _run_loop(
+            cfg,
+            "unet",
+            target,
+            state,
+            modules,
+            optimizer,
+            batches,
+            step_fn,
+            step,
+            lr_schedule,
+            started,
+        )
+        if cap and step < target:
+            break
+        if step < total:
+            unet.eval()
+            record = {
+                "step": step,
+                "raw": quick_fidelity(unet, vae, tokenizer, text_encoder, cfg, device),
+            }
+            record["ema"] = quick_fidelity(ema, vae, tokenizer, text_encoder, cfg, device)
+            history.append(record)
+            _log(cfg, "unet-fidelity", record)
+            unet.train()
+
+    # Keep the EMA weights if they are at least as faithful as the raw ones at the end.
+    unet.eval()
+    final = {
+        "raw": quick_fidelity(unet, vae, tokenizer, text_encoder, cfg, device),
+        "ema": quick_fidelity(ema, vae, tokenizer, text_encoder, cfg, device),
+    }
+    chosen = "ema" if final["ema"]["all"] >= final["raw"]["all"] else "raw"
+    _save_fp16(ema if chosen == "ema" else unet, out / "unet")
+    DDIMScheduler.from_config(noise_scheduler_config()).save_pretrained(out / "scheduler")
+    info = {
+        "steps": step,
+        "chosen_weights": chosen,
+        "final_quick_fidelity": final,
+        "history": history,
+    }
+    state.mark_done(info)
+    return info
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def write_pipeline_index(cfg: WorldTrainConfig, infos: dict) -> None:
+    """model_index.json (a StableDiffusionPipeline with its CLIP vision tower) and world.json."""
+    from .. import __version__
+
+    out = Path(cfg.out)
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": __import__("diffusers").__version__,
+        "feature_extractor": ["transformers", "CLIPImageProcessor"],
+        "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    atomic_write_text(out / "model_index.json", json.dumps(index, indent=2))
+    facts = {
+        "kind": "oneword-miniature-world",
+        "oneword_version": __version__,
+        "resolution": cfg.resolution,
+        "attributes": {a: list(world.VALUES[a]) for a in world.ATTRIBUTES},
+        "unnamed": sorted(world.UNNAMED) if hasattr(world, "UNNAMED") else [],
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        "stages": infos,
+    }
+    atomic_write_text(out / "world.json", json.dumps(facts, indent=2))
+
+
+def train_world(cfg: WorldTrainConfig) -> dict:
+    """Run the missing stages in order and write the pipeline folder. Returns per-stage info."""
+    device = _device(cfg)
+    torch.manual_seed(cfg.seed)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    Path(cfg.work).mkdir(parents=True, exist_ok=True)
+    runners = {"clip": train_clip, "vae": train_vae, "oracle": train_oracle, "unet": train_unet}
+    infos = {}
+    for stage in STAGES:
+        state = StageState(cfg, stage)
+        if state.done:
+            infos[stage] = json.loads((state.folder / "done").read_text())
+            continue
+        if stage not in cfg.stages:
+            continue
+        started = time.time()
+        info = runners[stage](cfg, device)
+        info["seconds"] = time.time() - started
+        info["device"] = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
+        state.mark_done(info)
+        infos[stage] = info
+        print(json.dumps({stage: {k: v for k, v in info.items() if k != "history"}}, default=str))
+    if all(StageState(cfg, s).done for s in STAGES):
+        write_pipeline_index(cfg, infos)
+    return infos
+
+
+def add_world_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "world",
+        help="the miniature world: train its models, write its data and concept suite",
+        description="Train the miniature world (CLIP, VAE, oracle, UNet) or write its shards/suite.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  oneword world train --preset cpu --out checkpoints/world\n"
+        "  oneword world train --preset tiny --out /tmp/w --work /tmp/w-work\n"
+        "  oneword world fidelity --model checkpoints/world --captions 240",
+    )
+    sub = parser.add_subparsers(dest="world_command", required=True)
+    train = sub.add_parser("train", help="train every stage (resumes unfinished ones)")
+    train.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    for f in fields(WorldTrainConfig):
+        if f.name in ("extra", "stages", "stage_seconds"):
+            continue
+        kind = type(f.default) if not isinstance(f.default, tuple) else None
+        flag = "--" + f.name.replace("_", "-")
+        if kind is None:
+            train.add_argument(flag, type=int, nargs="+", default=None)
+        else:
+            train.add_argument(flag, type=kind, default=None)
+    train.add_argument("--stages", nargs="+", choices=STAGES, default=None)
+    train.add_argument(
+        "--stage-seconds",
+        nargs="+",
+        default=None,
+        metavar="STAGE=SECONDS",
+        help="wall-time cap per stage, e.g. clip=60 unet=300",
+    )
+    train.set_defaults(func=run_world_train)
+    from .fidelity import add_fidelity_parser
+
+    add_fidelity_parser(sub)
+
+
+def config_from_args(args) -> WorldTrainConfig:
+    cfg = replace(WorldTrainConfig(), **PRESETS[args.preset])
+    overrides = {}
+    for f in fields(WorldTrainConfig):
+        value = getattr(args, f.name, None)
+        if value is None or f.name == "extra":
+            continue
+        if f.name == "stage_seconds":
+            value = {k: float(v) for k, v in (item.split("=", 1) for item in value)}
+        overrides[f.name] = tuple(value) if isinstance(value, list) else value
+    return replace(cfg, **overrides)
+
+
+def run_world_train(args) -> int:
+    cfg = config_from_args(args)
+    print(json.dumps({"config": asdict(cfg)}, default=str))
+    train_world(cfg)
+    return 0
