@@ -72,7 +72,7 @@ def test_only_new_rows_change_under_training(sdxl):
     placeholder = add_placeholder(sdxl, "<cup>", "cup", 2)
     params = trainable_rows(sdxl)
     optimizer = torch.optim.AdamW(params, lr=1e-1, weight_decay=0.1)
-    tokenizer, text_encoder = sdxl.tokenizers[0], sdxl.text_encoders[0]
+    tokenizer = sdxl.tokenizers[0]
     ids = tokenizer(
         [expand_prompt("a photo of <cup>", [placeholder]), "a dog"],
         padding="max_length",
