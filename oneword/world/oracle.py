@@ -92,7 +92,8 @@ class Oracle(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(folder / "config.json") as tmp:
             tmp.write_text(json.dumps(asdict(self.config), indent=2))
-        state = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
+        # fp16 on disk halves the size; loading casts back to fp32.
+        state = {k: v.detach().half().contiguous().cpu() for k, v in self.state_dict().items()}
         with atomic_path(folder / "model.safetensors") as tmp:
             save_file(state, str(tmp), metadata={"format": "pt", "kind": "oneword-oracle"})
         return folder
@@ -108,7 +109,7 @@ class Oracle(nn.Module):
         except (OSError, ValueError, TypeError) as exc:
             raise OnewordError(f"cannot load the oracle from {folder}: {exc}") from None
         oracle = cls(config)
-        oracle.load_state_dict(state)
+        oracle.load_state_dict({k: v.float() for k, v in state.items()})
         return oracle.to(device).eval().requires_grad_(False)
 
 

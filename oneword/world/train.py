@@ -56,7 +56,7 @@ class WorldTrainConfig:
     clip_aux_weight: float = (
         1.0  # attribute classification on image features (the "image-only objective")
     )
-    text_width: int = 128  # token-embedding width d of the learned words
+    text_width: int = 96  # token-embedding width d of the learned words (and cross-attention width)
     text_layers: int = 4
     vision_width: int = 192
     vision_layers: int = 4
