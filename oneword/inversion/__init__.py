@@ -1,0 +1,15 @@
+"""Classic per-concept textual inversion (Gal et al., 2023): `invert`, `invert_many`."""
+
+from .invert import ConceptSpec, InversionConfig, InversionResult, invert, invert_many
+from .templates import OBJECT_TEMPLATES, STYLE_TEMPLATES, load_templates
+
+__all__ = [
+    "OBJECT_TEMPLATES",
+    "STYLE_TEMPLATES",
+    "ConceptSpec",
+    "InversionConfig",
+    "InversionResult",
+    "invert",
+    "invert_many",
+    "load_templates",
+]
