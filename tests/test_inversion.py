@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -525,3 +526,15 @@ def test_bf16_on_the_gpu(request, family, tmp_path):
     for before, te in zip(base, model.text_encoders):
         assert torch.equal(before, te.get_input_embeddings().base.weight)
     assert (tmp_path / "samples.png").is_file()
+
+
+@pytest.mark.slow
+def test_benchmark_runs(capsys):
+    spec = importlib.util.spec_from_file_location(
+        "bench_inversion", REPO / "benchmarks" / "bench_inversion.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--steps", "8", "--warmup", "2", "--device", "cpu"]) == 0
+    table = capsys.readouterr().out
+    assert "| oneword |" in table and "| reference (diffusers-style) |" in table and "x |" in table
