@@ -44,6 +44,9 @@ class WorldTrainConfig:
     seed: int = 0
     resolution: int = 64
     device: str = "auto"
+    # CPU threads for torch (0 = torch's default). On a shared 2-core machine, 1 thread per
+    # process beats 2 threads fighting another job (measured: 0.6 s vs 7 s per VAE step).
+    threads: int = 0
     stages: tuple[str, ...] = STAGES
     save_every: int = 500  # steps between resumable checkpoints
     # Optional wall-time caps per stage ({"unet": 300, ...}); a capped stage ends early, still
@@ -803,6 +806,8 @@ def write_pipeline_index(cfg: WorldTrainConfig, infos: dict) -> None:
 def train_world(cfg: WorldTrainConfig) -> dict:
     """Run the missing stages in order and write the pipeline folder. Returns per-stage info."""
     device = _device(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     Path(cfg.work).mkdir(parents=True, exist_ok=True)
