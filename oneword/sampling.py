@@ -124,15 +124,20 @@ def generate(
             kwargs["pooled_prompt_embeds"] = embeds.pooled
             kwargs["negative_pooled_prompt_embeds"] = negative.pooled
         generators = [torch.Generator().manual_seed(seed + j) for j in range(num_per_prompt)]
-        result = pipe(
-            **kwargs,
-            num_images_per_prompt=num_per_prompt,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=generators,
-            height=model.resolution,
-            width=model.resolution,
-            output_type="pil",
-        )
+        # The pipelines cast prompt embeddings and latents to `text_encoder.dtype`, which is
+        # fp32 once a PlaceholderEmbedding (fp32 rows, listed first) is installed; in a
+        # bf16/fp16 model autocast lets those fp32 tensors meet the half-precision weights.
+        half = model.dtype != torch.float32
+        with torch.autocast(model.device.type, dtype=model.dtype, enabled=half):
+            result = pipe(
+                **kwargs,
+                num_images_per_prompt=num_per_prompt,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=generators,
+                height=model.resolution,
+                width=model.resolution,
+                output_type="pil",
+            )
         images.extend(result.images)
     return images
