@@ -64,10 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _info_parser(subparsers)
     # Each module registers its own subcommand; imports stay light until a command runs.
+    from .demo import add_demo_parser
     from .embeddings import add_export_parser
     from .inversion.cli import add_invert_parser
     from .world.train import add_world_parser
 
+    add_demo_parser(subparsers)
     add_invert_parser(subparsers)
     add_export_parser(subparsers)
     add_world_parser(subparsers)

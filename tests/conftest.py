@@ -23,3 +23,21 @@ def tiny_sd2_dir(tmp_path_factory):
 def tiny_sdxl_dir(tmp_path_factory):
     """A tiny SDXL diffusers folder (two text encoders, widths 32 and 48)."""
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sdxl", "sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_world_dir(tmp_path_factory):
+    """A miniature world trained for a few steps with the `tiny` preset (quality: none).
+
+    Same folder layout as checkpoints/world: a StableDiffusionPipeline with image_encoder/
+    and oracle/. For code paths that need the world's parts, not its quality."""
+    from dataclasses import replace
+
+    from oneword.world.train import PRESETS, WorldTrainConfig, train_world
+
+    root = tmp_path_factory.mktemp("world")
+    cfg = replace(
+        WorldTrainConfig(out=str(root / "world"), work=str(root / "work")), **PRESETS["tiny"]
+    )
+    train_world(cfg)
+    return root / "world"

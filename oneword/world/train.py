@@ -85,6 +85,7 @@ class WorldTrainConfig:
     ema_decay: float = 0.999
     fidelity_every: int = 0  # steps between quick oracle checks of samples (0 = only at the end)
     fidelity_captions: int = 64
+    eval_renders: int = 2048  # fresh renders for the oracle's and CLIP's accuracy reports
     mixed_precision: str = "bf16"  # on CUDA only; the CPU trains in fp32
     extra: dict = field(default_factory=dict)
 
@@ -111,6 +112,7 @@ PRESETS: dict[str, dict] = {
         unet_warmup=1,
         save_every=2,
         fidelity_captions=4,
+        eval_renders=32,
     ),
     # The 2-hour budget on a 2-core CPU.
     "cpu": dict(
@@ -467,10 +469,14 @@ def train_clip(cfg: WorldTrainConfig, device: torch.device) -> dict:
     # Zero-shot check on fresh renders: does the image feature pick the right attribute value
     # among prompts that name each value? (reported in the model card)
     clip.eval()
-    accuracy = clip_zero_shot(clip, tokenizer, device, cfg.resolution, seed=cfg.seed + 99)
+    accuracy = clip_zero_shot(
+        clip, tokenizer, device, cfg.resolution, seed=cfg.seed + 99, n=cfg.eval_renders // 4
+    )
     probe = {
         a: float(v)
-        for a, v in _head_accuracy(clip, heads, device, cfg.resolution, cfg.seed + 98).items()
+        for a, v in _head_accuracy(
+            clip, heads, device, cfg.resolution, cfg.seed + 98, n=cfg.eval_renders // 4
+        ).items()
     }
 
     # Export: the text tower as the pipeline's text_encoder, the vision tower as image_encoder.
@@ -593,7 +599,7 @@ def train_vae(cfg: WorldTrainConfig, device: torch.device) -> dict:
     vae.eval()
     # Scale latents to unit variance, as SD does with its 0.18215.
     with torch.no_grad():
-        pixels, *_ = Batches(cfg.seed + 3, cfg.resolution, device).next(512)
+        pixels, *_ = Batches(cfg.seed + 3, cfg.resolution, device).next(cfg.eval_renders // 4)
         latents = vae.encode(to_unit(pixels)).latent_dist.sample()
         scaling = float(1.0 / latents.float().std())
         recon = vae.decode(latents).sample.clamp(-1, 1)
@@ -648,7 +654,7 @@ def train_oracle(cfg: WorldTrainConfig, device: torch.device) -> dict:
         cfg, "oracle", cfg.oracle_steps, state, modules, optimizer, batches, step_fn, start_step
     )
     oracle.eval()
-    pixels, _, labels, _ = Batches(cfg.seed + 5, cfg.resolution, device).next(2048)
+    pixels, _, labels, _ = Batches(cfg.seed + 5, cfg.resolution, device).next(cfg.eval_renders)
     accuracy = oracle_accuracy(oracle, pixels, labels)
     oracle.save(Path(cfg.out) / "oracle")
     info = {"steps": steps, "accuracy_fresh_renders": accuracy}

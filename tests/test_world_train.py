@@ -1,0 +1,125 @@
+"""Training the miniature world: stages, export layout, resume, and that diffusers loads it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from oneword.world.train import (
+    PRESETS,
+    STAGES,
+    StageState,
+    WorldTrainConfig,
+    config_from_args,
+    train_world,
+)
+
+
+def test_tiny_world_is_a_diffusers_pipeline_with_oracle(tiny_world_dir):
+    from diffusers import StableDiffusionPipeline
+
+    for part in (
+        "tokenizer",
+        "text_encoder",
+        "unet",
+        "vae",
+        "scheduler",
+        "image_encoder",
+        "oracle",
+    ):
+        assert (tiny_world_dir / part).is_dir(), part
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_world_dir, local_files_only=True)
+    assert pipe.text_encoder.dtype == torch.float32  # fp16 on disk, fp32 when loaded
+    assert pipe.image_encoder is not None
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(
+        "a red star",
+        num_inference_steps=2,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    assert image.shape == (1, 64, 64, 3)
+    facts = json.loads((tiny_world_dir / "world.json").read_text())
+    assert set(facts["stages"]) == set(STAGES)
+    assert "hexagon" in facts["attributes"]["shape"]
+
+
+def test_oracle_loads_and_reads_every_attribute(tiny_world_dir):
+    from oneword.datasets import world
+    from oneword.world.oracle import Oracle
+
+    oracle = Oracle.load(tiny_world_dir / "oracle")
+    scenes = world.sample_scenes(3, torch.Generator().manual_seed(0))
+    predicted = oracle.predict(world.render(scenes))
+    assert set(predicted) == set(world.ATTRIBUTES)
+    assert all(len(v) == 3 and all(x in world.VALUES[a] for x in v) for a, v in predicted.items())
+
+
+def test_stage_resumes_from_its_checkpoint(tmp_path):
+    cfg = replace(
+        WorldTrainConfig(out=str(tmp_path / "w"), work=str(tmp_path / "work")), **PRESETS["tiny"]
+    )
+    cfg = replace(cfg, stages=("clip",), clip_steps=2, save_every=1)
+    train_world(cfg)
+    state = StageState(cfg, "clip")
+    assert state.done and torch.load(state.path, weights_only=False)["step"] == 2
+    # Undo "done", ask for more steps: training continues from step 2, not from scratch.
+    (state.folder / "done").unlink()
+    train_world(replace(cfg, clip_steps=3))
+    assert torch.load(state.path, weights_only=False)["step"] == 3
+    assert json.loads((state.folder / "done").read_text())["steps"] == 3
+    # A finished stage is skipped.
+    before = state.path.stat().st_mtime_ns
+    train_world(replace(cfg, clip_steps=5))
+    assert state.path.stat().st_mtime_ns == before
+
+
+def test_cli_flags_override_the_preset():
+    import argparse
+
+    from oneword.world.train import add_world_parser
+
+    parser = argparse.ArgumentParser()
+    add_world_parser(parser.add_subparsers())
+    args = parser.parse_args(
+        [
+            "world",
+            "train",
+            "--preset",
+            "tiny",
+            "--unet-steps",
+            "7",
+            "--unet-channels",
+            "8",
+            "16",
+            "--stage-seconds",
+            "unet=30",
+        ]
+    )
+    cfg = config_from_args(args)
+    assert (
+        cfg.unet_steps == 7 and cfg.unet_channels == (8, 16) and cfg.stage_seconds == {"unet": 30.0}
+    )
+    assert cfg.clip_steps == PRESETS["tiny"]["clip_steps"]
+
+
+@pytest.mark.slow
+def test_fidelity_report_has_every_attribute(tiny_world_dir, tmp_path):
+    from oneword.world.fidelity import measure_fidelity
+
+    report = measure_fidelity(
+        tiny_world_dir, captions=2, steps=2, device="cpu", grid=tmp_path / "g.png"
+    )
+    assert set(report["per_attribute"]) == {
+        "shape",
+        "colour",
+        "pattern",
+        "background",
+        "size",
+        "position",
+    }
+    assert 0.0 <= report["all"] <= min(report["per_attribute"].values())
+    assert (tmp_path / "g.png").exists()
