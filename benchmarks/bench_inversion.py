@@ -91,12 +91,12 @@ def _peak_growth(device: torch.device, start: float) -> float:
 # --- the two loops (each runs in a child process) ---------------------------------------------
 
 
-def run_ours(model, images, steps: int, batch: int) -> dict:
+def run_ours(model, images, steps: int, batch: int, token: str = "<bench>") -> dict:
     from oneword.inversion import InversionConfig, invert
 
     config = InversionConfig(steps=steps, batch=batch, quiet=True, samples=False)
     start = _peak_start(model.device)
-    result = invert(model, images, "<bench>", "dog", config)
+    result = invert(model, images, token, "dog", config)
     return {"step_seconds": result.log["step_seconds"], "losses": result.log["loss"],
             "peak_mib": _peak_growth(model.device, start)}  # fmt: skip
 
@@ -220,7 +220,16 @@ def unet_fwd_bwd(model, batch: int, repeats: int = 10) -> dict:
     return {"seconds": statistics.median(times[2:]), "flops": flops}
 
 
-def child(args) -> dict:
+def gpu_scaling(model, images, steps: int, batches: list[int]) -> list[dict]:
+    """Our loop and the UNet's fwd+bwd alone at each batch, in one process (one model load)."""
+    rows = []
+    for batch in batches:
+        ours = run_ours(model, images, steps, batch, token=f"<bench-{batch}>")
+        rows.append({"batch": batch, "ours": ours, "unet": unet_fwd_bwd(model, batch)})
+    return rows
+
+
+def child(args) -> dict | list:
     from oneword.models import load_model
 
     model = load_model(args.model, device=args.device, precision="bf16")
@@ -229,16 +238,21 @@ def child(args) -> dict:
         return run_ours(model, images, args.steps, args.batch)
     if args.child == "reference":
         return run_reference(model, images, args.steps, args.batch)
-    return unet_fwd_bwd(model, args.batch)
+    return gpu_scaling(model, images, args.steps, _batches(args.gpu_batches))
+
+
+def _batches(text: str) -> list[int]:
+    return [int(b) for b in text.split(",") if b.strip()]
 
 
 # --- driver ----------------------------------------------------------------------------------
 
 
-def _spawn(which: str, model: str, device: str, steps: int, batch: int) -> dict:
+def _spawn(which: str, model: str, device: str, steps: int, batch: int, gpu_batches: str = ""):
     command = [sys.executable, str(Path(__file__).resolve()), "--child", which, "--model", model,
-               "--device", device, "--steps", str(steps), "--batch", str(batch)]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+               "--device", device, "--steps", str(steps), "--batch", str(batch),
+               "--gpu-batches", gpu_batches]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=1800)
     if done.returncode != 0:
         raise RuntimeError(f"{which} child failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -272,7 +286,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
     parser.add_argument("--gpu-batches", default="1,4,8", help="batches for the GPU scaling table")
-    parser.add_argument("--child", choices=["ours", "reference", "unet"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child", choices=["ours", "reference", "gpu-scaling"], help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(args)))
@@ -315,14 +331,18 @@ def main(argv=None) -> int:
                 "| batch | steps/s | images/s | UNet fwd+bwd s | step s | fraction of UNet rate | UNet TFLOP/s |"
             )
             print("|---:|---:|---:|---:|---:|---:|---:|")
-            for batch in [int(b) for b in args.gpu_batches.split(",") if b.strip()]:
-                row = _summary(
-                    _spawn("ours", model, args.device, args.steps, batch), args.warmup, batch
+            rows = _spawn(
+                "gpu-scaling", model, args.device, args.steps, args.batch, args.gpu_batches
+            )
+            for row in rows:
+                batch, unet = row["batch"], row["unet"]
+                ours_row = _summary(row["ours"], args.warmup, batch)
+                print(
+                    f"| {batch} | {1 / ours_row['per_step']:.1f} | {ours_row['images_s']:.1f} | "
+                    f"{unet['seconds']:.4f} | {ours_row['per_step']:.4f} | "
+                    f"{unet['seconds'] / ours_row['per_step']:.2f} | "
+                    f"{unet['flops'] / unet['seconds'] / 1e12:.2f} |"
                 )
-                unet = _spawn("unet", model, args.device, args.steps, batch)
-                print(f"| {batch} | {1 / row['per_step']:.1f} | {row['images_s']:.1f} | {unet['seconds']:.4f} | "
-                      f"{row['per_step']:.4f} | {unet['seconds'] / row['per_step']:.2f} | "
-                      f"{unet['flops'] / unet['seconds'] / 1e12:.2f} |")  # fmt: skip
     return 0
 
 
