@@ -66,12 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     # Each module registers its own subcommand; imports stay light until a command runs.
     from .demo import add_demo_parser
     from .embeddings import add_export_parser
+    from .generate import add_generate_parser
     from .inversion.cli import add_invert_parser
     from .world.train import add_world_parser
 
     add_demo_parser(subparsers)
     add_invert_parser(subparsers)
     add_export_parser(subparsers)
+    add_generate_parser(subparsers)
     add_world_parser(subparsers)
     return parser
 
