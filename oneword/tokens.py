@@ -23,6 +23,12 @@ from torch import nn
 from .errors import TokenError
 
 
+class _NewRows(nn.Module):
+    def __init__(self, rows: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(rows)
+
+
 class PlaceholderEmbedding(nn.Module):
     """A frozen `nn.Embedding` plus trainable fp32 rows for ids >= its vocabulary size."""
 
@@ -30,7 +36,14 @@ class PlaceholderEmbedding(nn.Module):
         super().__init__()
         self.base = base
         self.base_vocab = base.num_embeddings
-        self.rows = nn.Parameter(torch.zeros(0, base.embedding_dim, device=base.weight.device))
+        # The new rows live in a child registered after `base`, so the text encoder's first
+        # parameter (what `.dtype` reports and diffusers casts prompts to) stays a frozen one.
+        self.new = _NewRows(torch.zeros(0, base.embedding_dim, device=base.weight.device))
+
+    @property
+    def rows(self) -> nn.Parameter:
+        """The trainable fp32 rows (n_new, d), ids base_vocab, base_vocab + 1, ..."""
+        return self.new.weight
 
     @property
     def embedding_dim(self) -> int:
@@ -49,7 +62,7 @@ class PlaceholderEmbedding(nn.Module):
         """Add rows (k, d); returns their ids."""
         start = self.num_embeddings
         new = torch.cat([self.rows.data, rows.detach().to(self.rows.device, torch.float32)])
-        self.rows = nn.Parameter(new)
+        self.new.weight = nn.Parameter(new)
         return list(range(start, start + rows.shape[0]))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -107,3 +107,12 @@ def test_warm_start_rows_and_shape_check(sdxl):
     assert [torch.equal(a, b) for a, b in zip(get_rows(sdxl, placeholder), rows)] == [True, True]
     with pytest.raises(TokenError, match=r"\(2, 48\)"):
         add_placeholder(sdxl, "<v>", "dog", 2, init_rows=[torch.ones(2, 32), torch.ones(2, 40)])
+
+
+def test_text_encoder_dtype_stays_the_frozen_one(tiny_sd1_dir):
+    # diffusers casts prompt embeddings to text_encoder.dtype: it must not become the rows' fp32.
+    model = load_model(tiny_sd1_dir, device="cpu")
+    model.text_encoders[0].to(torch.bfloat16)
+    add_placeholder(model, "<b>", "dog")
+    assert model.text_encoders[0].dtype == torch.bfloat16
+    assert trainable_rows(model)[0].dtype == torch.float32
