@@ -1,0 +1,630 @@
+"""`oneword eval`: run token-learning methods over a concept suite and score them.
+
+For every method and concept: learn a token (timed, UNet passes counted, peak memory
+read), sample "a photo of S*" and the concept's prompts with the same seeds for every
+method (so the token is the only difference), then score identity/editability with the
+world's oracle and CLIP-I/CLIP-T (and DINO) with a fixed scorer. Writes results.json,
+results.md, tradeoff.png (Gal et al.'s reconstruction-vs-editability figure) and one
+sample grid per method.
+
+Methods live in `METHODS`, a dict name -> function(model, concept, run) -> `LearnedToken`;
+"NAME:ARG" in --methods passes ARG (e.g. "classic:400" = 400 steps). Other modules add
+methods with `register_method`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..errors import OnewordError
+from .metrics import (
+    load_clip_scorer,
+    load_dino_scorer,
+    matched_similarity,
+    oracle_predict,
+    oracle_scores,
+    pairwise_similarity,
+    peak_memory_mib,
+    reset_peak_memory,
+    strip_token,
+)
+
+# The metrics a run reports per method, and that two runs with one seed must agree on.
+QUALITY_METRICS: tuple[str, ...] = ("identity", "editability", "clip_i", "clip_t", "dino")
+
+
+@dataclass
+class EvalConfig:
+    """What decides an evaluation run; stored in results.json."""
+
+    # Methods to compare, "NAME[:ARG]" (see `METHODS`); classword is the no-learning floor.
+    methods: tuple[str, ...] = ("classword", "classic")
+    # Samples per prompt per concept; sample j of every prompt starts from seed + j.
+    samples: int = 4
+    # Seeds the samples and every learning method.
+    seed: int = 0
+    # DDIM steps and classifier-free guidance of the samples.
+    steps: int = 30
+    guidance: float = 5.0
+    # The reconstruction prompt that identity, CLIP-I and DINO are measured on (Gal et al.).
+    identity_prompt: str = "a photo of {}"
+    # CLIP for CLIP-I/CLIP-T: "world", "open_clip:...", "transformers:..."; None = the
+    # model folder's own CLIP if it has one (the world), else no CLIP scores.
+    clip: str | None = None
+    # A transformers ViT/Dinov2 folder for the DINO score; None = no DINO score.
+    dino: str | None = None
+    # Only the first N concepts of the suite (quick runs); None = all.
+    concepts: int | None = None
+    # Concepts shown in each method's grid, and edit prompts per concept there.
+    grid_concepts: int = 4
+    grid_edits: int = 2
+    device: str | None = None
+    quiet: bool = False
+
+    def check(self) -> None:
+        """Raise `OnewordError` for values that cannot work."""
+        for name in ("samples", "steps", "grid_concepts"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (0 if name == "grid_concepts" else 1):
+                raise OnewordError(
+                    f"--{name.replace('_', '-')} must be a positive integer, got {value!r}"
+                )
+        if self.seed < 0:
+            raise OnewordError(f"--seed must be >= 0, got {self.seed}")
+        if self.concepts is not None and self.concepts < 1:
+            raise OnewordError(f"--concepts must be >= 1, got {self.concepts}")
+        if "{}" not in self.identity_prompt:
+            raise OnewordError(
+                f"identity prompt {self.identity_prompt!r} needs a {{}} for the token"
+            )
+        if not self.methods:
+            raise OnewordError("give at least one method (--methods classword,classic:400)")
+
+
+# ---------------------------------------------------------------------------------------
+# Methods
+
+
+@dataclass
+class MethodRun:
+    """What a method gets besides the model and the concept.
+
+    Attributes:
+        arg: the text after "NAME:" in --methods ("400" in "classic:400"), or None.
+        token: a new word unique to this method and concept, e.g. "<m1c0007>".
+        images: the concept's images, fitted to the model's resolution.
+        seed: the run's seed.
+        quiet: no progress bars.
+    """
+
+    arg: str | None
+    token: str
+    images: list[Image.Image]
+    seed: int
+    quiet: bool = True
+
+
+@dataclass
+class LearnedToken:
+    """What a method returns.
+
+    Attributes:
+        word: what replaces "{}" in the prompts (the token, or a plain word).
+        placeholders: the `Placeholder`s the prompts use (for multi-vector expansion).
+        cost: "unet_forward_passes" and "unet_samples" spent learning (0 for none), plus
+            any facts worth reporting ("steps", ...).
+        embedding: the learned `TokenEmbedding`, saved beside the results; None if nothing
+            was learned.
+    """
+
+    word: str
+    placeholders: list = field(default_factory=list)
+    cost: dict = field(default_factory=dict)
+    embedding: object | None = None
+
+
+MethodFn = Callable[[object, object, MethodRun], LearnedToken]
+
+
+def _no_arg(name: str) -> Callable[[str | None], None]:
+    def check(arg: str | None) -> None:
+        if arg is not None:
+            raise OnewordError(f"method {name} takes no argument, got {name}:{arg}")
+
+    return check
+
+
+def _classic_steps(arg: str | None) -> int | None:
+    """ "classic:STEPS" -> STEPS (None: `InversionConfig`'s default)."""
+    if arg is None:
+        return None
+    if not arg.isdigit() or int(arg) < 1:
+        raise OnewordError(
+            f"classic:{arg}: the argument is a positive step count, e.g. classic:400"
+        )
+    return int(arg)
+
+
+def _classword(model, concept, run: MethodRun) -> LearnedToken:
+    """No learning: the class word stands in for the token (the floor every method must beat)."""
+    return LearnedToken(concept.class_word, [], {"unet_forward_passes": 0, "unet_samples": 0})
+
+
+def _classic(model, concept, run: MethodRun) -> LearnedToken:
+    """Classic textual inversion (Gal et al.), initialised from the class word; "classic:STEPS"."""
+    from ..embeddings import TokenEmbedding
+    from ..inversion import InversionConfig, invert
+
+    config = InversionConfig(seed=run.seed, samples=False, quiet=True)
+    steps = _classic_steps(run.arg)
+    if steps is not None:
+        config.steps = steps
+    result = invert(
+        model, run.images, run.token, concept.class_word, config, class_word=concept.class_word
+    )
+    cost = {
+        "unet_forward_passes": result.log["unet_forward_passes"],
+        "unet_samples": result.log["unet_samples"],
+        "steps": result.log["steps_done"],
+        "final_loss_ema": result.log["final_loss_ema"],
+    }
+    metadata = {
+        "base_model": str(model.source),
+        "model_family": model.family,
+        "method": "classic",
+        "steps": str(result.log["steps_done"]),
+        "init_text": concept.class_word,
+        "concept": concept.name,
+        "config": json.dumps(asdict(config)),
+    }
+    embedding = TokenEmbedding(run.token, result.vectors, metadata)
+    return LearnedToken(run.token, [result.placeholder], cost, embedding)
+
+
+METHODS: dict[str, MethodFn] = {"classword": _classword, "classic": _classic}
+# name -> a function that raises `OnewordError` for a bad ARG, run before any work starts.
+ARG_CHECKS: dict[str, Callable[[str | None], object]] = {
+    "classword": _no_arg("classword"),
+    "classic": _classic_steps,
+}
+
+
+def register_method(
+    name: str, fn: MethodFn, check_arg: Callable[[str | None], object] | None = None
+) -> None:
+    """Make `name` usable in --methods (e.g. the encoder: "encoder", "encoder+refine").
+
+    Args:
+        name: the method's name (letters, digits, _ + . -).
+        fn: function(model, concept, run: MethodRun) -> LearnedToken.
+        check_arg: optional; raises `OnewordError` for a bad "NAME:ARG" before any work.
+    """
+    if not re.fullmatch(r"[\w+.-]+", name):
+        raise OnewordError(f"method name {name!r} may hold letters, digits and _ + . - only")
+    METHODS[name] = fn
+    if check_arg is not None:
+        ARG_CHECKS[name] = check_arg
+
+
+def parse_methods(specs: str | Sequence[str]) -> list[tuple[str, MethodFn, str | None]]:
+    """ "classword,classic:50" (or a list) -> [(label, function, arg)], checked before any work."""
+    if isinstance(specs, str):
+        specs = specs.split(",")
+    parsed, labels = [], set()
+    for spec in (s.strip() for s in specs):
+        if not spec:
+            continue
+        name, _, arg = spec.partition(":")
+        if name not in METHODS:
+            raise OnewordError(
+                f"unknown method {name!r} in --methods; known: {', '.join(sorted(METHODS))} "
+                "(NAME or NAME:ARG, e.g. classic:400)"
+            )
+        if spec in labels:
+            raise OnewordError(f"method {spec!r} is listed twice")
+        labels.add(spec)
+        if name in ARG_CHECKS:
+            ARG_CHECKS[name](arg or None)
+        parsed.append((spec, METHODS[name], arg or None))
+    if not parsed:
+        raise OnewordError("give at least one method (--methods classword,classic:400)")
+    return parsed
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers
+
+
+def fill_prompt(template: str, word: str, class_word: str | None = None) -> str:
+    """Put `word` where "{}" is; when `word` is the class word itself, "a {} dog" becomes
+    "a dog", not "a dog dog" (DreamBooth's prompts already name the class)."""
+    if class_word and word == class_word:
+        template = template.replace("{} " + class_word, "{}")
+    return template.replace("{}", word)
+
+
+def _file_name(label: str) -> str:
+    return re.sub(r"[^\w+.-]+", "-", label)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+def _mean(values: Sequence) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+@dataclass
+class _Reference:
+    """A concept's images and their features (computed once, shared by every method)."""
+
+    images: list[Image.Image]
+    clip: torch.Tensor | None  # (n, p)
+    dino: torch.Tensor | None  # (n, q)
+
+
+@dataclass
+class _Scorers:
+    oracle: object | None
+    clip: object | None
+    dino: object | None
+
+
+def _score(
+    concept,
+    samples: list[Image.Image],
+    reference: _Reference,
+    scorers: _Scorers,
+    per_prompt: int,
+) -> dict:
+    """Scores of one concept's samples: identity prompt first, then the concept's prompts."""
+    identity_samples = samples[:per_prompt]
+    row: dict = {"identity": None, "editability": None, "per_attribute": None}
+    if scorers.oracle is not None and concept.attributes:
+        predictions = oracle_predict(scorers.oracle, samples)
+
+        def part(index: int) -> dict:  # predictions of the samples of prompt `index`
+            span = slice(index * per_prompt, (index + 1) * per_prompt)
+            return {name: values[span] for name, values in predictions.items()}
+
+        edits = concept.edits or []
+        scores = oracle_scores(
+            part(0), [part(i + 1) for i in range(len(edits))], edits, concept.attributes
+        )
+        row.update(scores)
+    row["clip_i"] = row["clip_t"] = row["dino"] = None
+    if scorers.clip is not None:
+        features = scorers.clip.image_features(samples)  # (n, p)
+        row["clip_i"] = pairwise_similarity(features[:per_prompt], reference.clip)
+        # The prompt without the token (Gal et al.), the same text for every method.
+        texts = [strip_token(t) for t in concept.prompts for _ in range(per_prompt)]
+        row["clip_t"] = matched_similarity(features[per_prompt:], scorers.clip.text_features(texts))
+    if scorers.dino is not None:
+        row["dino"] = pairwise_similarity(
+            scorers.dino.image_features(identity_samples), reference.dino
+        )
+    return row
+
+
+def _grid_rows(concept, learned, reference, samples, config: EvalConfig, per_prompt: int):
+    """Images and labels for one concept in a method's grid: its images, then the identity
+    prompt and `grid_edits` prompts."""
+    white = Image.new("RGB", samples[0].size, (255, 255, 255))
+    images = [image.resize(samples[0].size) for image in reference.images[:per_prompt]]
+    images += [white] * (per_prompt - len(images))
+    labels = [f"{concept.name}: its images"]
+    shown = min(config.grid_edits, len(concept.prompts))
+    templates = [config.identity_prompt, *concept.prompts[:shown]]
+    for index, template in enumerate(templates):
+        images += samples[index * per_prompt : (index + 1) * per_prompt]
+        labels.append(fill_prompt(template, learned.word, concept.class_word))
+    return images, labels
+
+
+def _summarise(label: str, rows: list[dict], grid: str | None) -> dict:
+    name, _, arg = label.partition(":")
+    per_attribute: dict[str, list] = {}
+    for row in rows:
+        for attribute, value in (row.get("per_attribute") or {}).items():
+            per_attribute.setdefault(attribute, []).append(value)
+    peaks = [row["peak_memory_mib"] for row in rows if row["peak_memory_mib"] is not None]
+    steps = [row["cost"].get("steps") for row in rows if row["cost"].get("steps") is not None]
+    return {
+        "method": name,
+        "arg": arg or None,
+        "steps": max(steps) if steps else None,
+        **{metric: _mean([row[metric] for row in rows]) for metric in QUALITY_METRICS},
+        "per_attribute": {a: _mean(v) for a, v in per_attribute.items()} or None,
+        "seconds_per_concept": _mean([row["seconds"] for row in rows]),
+        "unet_passes_per_concept": _mean([row["unet_forward_passes"] for row in rows]),
+        "unet_samples_per_concept": _mean([row["unet_samples"] for row in rows]),
+        "peak_memory_mib": max(peaks) if peaks else None,
+        "sampling_seconds_per_concept": _mean([row["sampling_seconds"] for row in rows]),
+        "concepts": len(rows),
+        "grid": grid,
+        "per_concept": rows,
+    }
+
+
+def _write_outputs(results: dict, out: Path) -> None:
+    from ..io import atomic_write_text
+    from .report import write_report
+
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    write_report(results, out)
+
+
+# ---------------------------------------------------------------------------------------
+# The harness
+
+
+def evaluate(
+    model, suite: str | os.PathLike, config: EvalConfig | None = None, out_dir=None
+) -> dict:
+    """Run every method of `config` over the suite and score it.
+
+    Args:
+        model: a diffusers folder / hub id, or a `LoadedModel` (tokens are added to it).
+        suite: a suite folder (`oneword.datasets.suite.read_suite`: ours or DreamBooth's).
+        config: `EvalConfig`; defaults if None.
+        out_dir: where results.json, results.md, tradeoff.png, grids/ and embeddings/ go
+            (rewritten after each method, so a stopped run keeps the finished methods);
+            None writes nothing.
+
+    Returns:
+        The results.json contents: {"methods": {label: {"identity", "editability",
+        "clip_i", "clip_t", "dino" (means over concepts, None where not measured),
+        "seconds_per_concept", "unet_passes_per_concept", "peak_memory_mib",
+        "per_concept": [...], ...}}, "model", "suite", "seed", "device", "samples",
+        "commit", "date", ...}.
+    """
+    from tqdm.auto import tqdm
+
+    from .. import __version__
+    from ..datasets.suite import read_suite
+    from ..embeddings import save_embedding
+    from ..images import load_images, save_grid
+    from ..models import load_model
+    from ..sampling import generate, make_pipeline
+
+    # 1. Check everything cheap before the model loads: config, methods, suite.
+    config = config or EvalConfig()
+    config.check()
+    methods = parse_methods(config.methods)
+    concepts = read_suite(suite)[: config.concepts]
+    out = Path(out_dir) if out_dir is not None else None
+
+    # 2. The model, its oracle (if it has one), the CLIP and DINO scorers.
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(model, device=config.device)
+    device = model.device
+    folder = Path(model.extra["folder"]) if model.extra.get("folder") else None
+    oracle = None
+    if folder is not None and (folder / "oracle" / "config.json").is_file():
+        from ..world.oracle import Oracle
+
+        oracle = Oracle.load(folder / "oracle", device)
+    scorers = _Scorers(
+        oracle,
+        load_clip_scorer(config.clip, folder, device),
+        load_dino_scorer(config.dino, device) if config.dino else None,
+    )
+    pipe = make_pipeline(model)
+
+    # 3. Each concept's images and reference features, once.
+    references = []
+    for concept in concepts:
+        images = load_images(concept.images, model.resolution)
+        references.append(
+            _Reference(
+                images,
+                scorers.clip.image_features(images) if scorers.clip else None,
+                scorers.dino.image_features(images) if scorers.dino else None,
+            )
+        )
+
+    results = {
+        "model": str(model.source),
+        "family": model.family,
+        "suite": str(suite),
+        "concepts": [c.name for c in concepts],
+        "seed": config.seed,
+        "samples": config.samples,
+        "steps": config.steps,
+        "guidance": config.guidance,
+        "identity_prompt": config.identity_prompt,
+        "device": str(device),
+        "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "oracle": oracle is not None and any(c.attributes for c in concepts),
+        "clip": scorers.clip.name if scorers.clip else None,
+        "dino": scorers.dino.name if scorers.dino else None,
+        "commit": _git_commit(),
+        "date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        "oneword_version": __version__,
+        "torch_version": torch.__version__,
+        "config": {**asdict(config), "methods": list(config.methods)},
+        "methods": {},
+    }
+    if scorers.clip is None:
+        print(
+            "no CLIP scores: this model has no image_encoder/ CLIP; pass --clip "
+            "open_clip:ViT-L-14:openai or --clip transformers:FOLDER for CLIP-I/CLIP-T"
+        )
+
+    # 4. Every method over every concept; the same sample seeds for all of them.
+    per_prompt = config.samples
+    bar = tqdm(total=len(methods) * len(concepts), disable=config.quiet, unit="concept")
+    for method_index, (label, fn, arg) in enumerate(methods):
+        bar.set_description(label)
+        rows, grid_images, grid_labels = [], [], []
+        for concept_index, (concept, reference) in enumerate(zip(concepts, references)):
+            run = MethodRun(
+                arg, f"<m{method_index}c{concept_index:04d}>", reference.images, config.seed
+            )
+            # 4a. Learn, timed, with the peak memory of learning alone.
+            reset_peak_memory(device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            learned = fn(model, concept, run)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - started
+            peak = peak_memory_mib(device)
+            # 4b. Sample the identity prompt and the concept's prompts.
+            started = time.perf_counter()
+            templates = [config.identity_prompt, *concept.prompts]
+            samples = generate(
+                model,
+                [fill_prompt(t, learned.word, concept.class_word) for t in templates],
+                placeholders=learned.placeholders,
+                num_per_prompt=per_prompt,
+                steps=config.steps,
+                guidance=config.guidance,
+                seed=config.seed,
+                pipeline=pipe,
+            )
+            sampling_seconds = time.perf_counter() - started
+            # 4c. Score.
+            row = {"concept": concept.name, "word": learned.word}
+            row |= _score(concept, samples, reference, scorers, per_prompt)
+            row |= {
+                "seconds": seconds,
+                "unet_forward_passes": learned.cost.get("unet_forward_passes", 0),
+                "unet_samples": learned.cost.get("unet_samples", 0),
+                "peak_memory_mib": peak,
+                "sampling_seconds": sampling_seconds,
+                "cost": learned.cost,
+            }
+            rows.append(row)
+            if concept_index < config.grid_concepts:
+                images, labels = _grid_rows(
+                    concept, learned, reference, samples, config, per_prompt
+                )
+                grid_images += images
+                grid_labels += labels
+            if out is not None and learned.embedding is not None:
+                path = (
+                    out
+                    / "embeddings"
+                    / _file_name(label)
+                    / f"{_file_name(concept.name)}.safetensors"
+                )
+                save_embedding(path, learned.embedding)
+            bar.update(1)
+        grid = None
+        if out is not None and grid_images:
+            grid = f"grids/{_file_name(label)}.png"
+            save_grid(grid_images, out / grid, columns=per_prompt, labels=grid_labels)
+        results["methods"][label] = _summarise(label, rows, grid)
+        if out is not None:
+            _write_outputs(results, out)
+    bar.close()
+    return results
+
+
+# ---------------------------------------------------------------------------------------
+# CLI
+
+
+EXAMPLES = """\
+examples:
+  oneword eval --suite runs/world-suite --methods classword,classic:50,classic:400 --out runs/eval
+  oneword eval --suite runs/world-suite --methods classic:2 --concepts 1 --samples 1 --steps 2 --out /tmp/e
+  oneword eval --model /models/sd15 --suite dreambooth/ --methods classword,classic:3000 \\
+      --clip open_clip:ViT-L-14:openai --dino /models/dino-vits16 --out runs/db
+"""
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """`oneword eval ...`: evaluate and print the table."""
+    from .report import format_table
+
+    config = EvalConfig(
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        samples=args.samples,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        clip=args.clip,
+        dino=args.dino,
+        concepts=args.concepts,
+        grid_concepts=args.grid_concepts,
+        device=args.device,
+        quiet=args.quiet,
+    )
+    results = evaluate(args.model, args.suite, config, args.out)
+    print(format_table(results))
+    print(f"wrote {args.out}/results.json, results.md, tradeoff.png and grids/")
+    return 0
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `oneword eval` on an argparse subparsers object."""
+    from ..models import DEFAULT_MODEL
+
+    defaults = EvalConfig()
+    parser = subparsers.add_parser(
+        "eval",
+        help="compare token-learning methods on a concept suite (quality, speed, memory)",
+        description=__doc__,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = parser.add_argument
+    add(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"diffusers folder or hub id (default: {DEFAULT_MODEL})",
+    )
+    add("--suite", required=True, type=Path, help="concept suite folder (ours or DreamBooth's)")
+    add(
+        "--methods",
+        default=",".join(defaults.methods),
+        help=f"comma-separated NAME[:ARG] (known: {', '.join(sorted(METHODS))}; "
+        "classic:STEPS); default: %(default)s",
+    )
+    add("--samples", type=int, default=defaults.samples, help="samples per prompt per concept")
+    add("--seed", type=int, default=defaults.seed)
+    add("--steps", type=int, default=defaults.steps, help="sampling steps (DDIM)")
+    add("--guidance", type=float, default=defaults.guidance)
+    add(
+        "--clip",
+        default=None,
+        help="world | open_clip:NAME[:PRETRAINED|FILE|DIR] | transformers:FOLDER "
+        "(default: world when the model has image_encoder/, else no CLIP scores)",
+    )
+    add("--dino", default=None, metavar="DIR", help="transformers ViT/Dinov2 folder for DINO")
+    add("--concepts", type=int, default=None, metavar="N", help="only the first N concepts")
+    add("--grid-concepts", type=int, default=defaults.grid_concepts, help="concepts per grid")
+    add("--device", default=None, help="cpu, cuda, ... (default: CUDA if available)")
+    add("--quiet", action="store_true", help="no progress bar")
+    add("--out", required=True, type=Path, help="output folder")
+    parser.set_defaults(func=run_eval)
+    return parser

@@ -1,0 +1,180 @@
+"""The benchmark report: a markdown table and the reconstruction-vs-editability plot.
+
+The plot follows Fig. 10 of Gal et al. (2023): editability (text similarity) on the x
+axis, reconstruction (image similarity) on the y axis, one labelled point per method and
+step count, points of one method joined in step order, so the trade-off that more
+optimisation buys is visible at a glance.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .metrics import ATTRIBUTE_ORDER
+
+# (x metric, y metric, x label, y label, panel title) for each panel of the plot.
+PANELS = (
+    (
+        "editability",
+        "identity",
+        "editability (oracle)",
+        "identity (oracle)",
+        "miniature-world oracle",
+    ),
+    ("clip_t", "clip_i", "CLIP-T (text similarity)", "CLIP-I (image similarity)", "CLIP"),
+)
+_COLUMNS = (
+    ("identity", "identity", "percent"),
+    ("editability", "editability", "percent"),
+    ("clip_i", "CLIP-I", "cosine"),
+    ("clip_t", "CLIP-T", "cosine"),
+    ("dino", "DINO", "cosine"),
+    ("seconds_per_concept", "s / concept", "seconds"),
+    ("unet_passes_per_concept", "UNet passes / concept", "count"),
+    ("peak_memory_mib", "peak MiB", "count"),
+)
+
+
+def _format(value, kind: str) -> str:
+    if value is None:
+        return "–"
+    if kind == "percent":
+        return f"{100 * value:.1f}%"
+    if kind == "cosine":
+        return f"{value:.3f}"
+    if kind == "seconds":
+        return f"{value:.2f}" if value < 10 else f"{value:.0f}"
+    return f"{value:.0f}"
+
+
+def format_table(results: dict) -> str:
+    """The markdown report: run facts, the main table, the per-attribute table."""
+    methods = results["methods"]
+    lines = [
+        f"# oneword eval: {Path(str(results['suite'])).name}",
+        "",
+        f"- model: `{results['model']}` ({results.get('family')}), device {results['device']}"
+        + (f" ({results['cuda_device']})" if results.get("cuda_device") else ""),
+        f"- suite: `{results['suite']}`, {len(results.get('concepts', []))} concepts; "
+        f"{results['samples']} samples per prompt, {results.get('steps')} DDIM steps, "
+        f"guidance {results.get('guidance')}, seed {results['seed']}",
+        f"- scorers: oracle {'yes' if results.get('oracle') else 'no'}, "
+        f"CLIP {results.get('clip') or '–'}, DINO {results.get('dino') or '–'}",
+        f"- commit {results.get('commit') or 'unknown'}, {results.get('date')}",
+        "",
+        "| method | " + " | ".join(title for _, title, _ in _COLUMNS) + " |",
+        "|---|" + "---:|" * len(_COLUMNS),
+    ]
+    for label, method in methods.items():
+        cells = [_format(method.get(key), kind) for key, _, kind in _COLUMNS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    attributes = [
+        a
+        for a in ATTRIBUTE_ORDER
+        if any(a in (m.get("per_attribute") or {}) for m in methods.values())
+    ]
+    if attributes:
+        lines += [
+            "",
+            "Oracle accuracy per attribute (over every sample where the prompt or the "
+            "concept fixes the value):",
+            "",
+            "| method | " + " | ".join(attributes) + " |",
+            "|---|" + "---:|" * len(attributes),
+        ]
+        for label, method in methods.items():
+            values = method.get("per_attribute") or {}
+            cells = [_format(values.get(a), "percent") for a in attributes]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        'identity: samples of "a photo of S*" with the concept\'s shape, colour and pattern; '
+        "editability: samples of edit prompts where the edit holds and the identity is kept; "
+        "CLIP-I/DINO: mean cosine of samples to the concept's images; CLIP-T: of samples to "
+        "their prompt without the token (Gal et al.). Seconds, UNet passes and peak memory "
+        "are for learning one token (peak memory: CUDA allocator, or the process's RSS on "
+        "the CPU).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _steps(method: dict) -> float:
+    return method.get("steps") or 0
+
+
+def plot_tradeoff(results: dict, path: str | Path) -> Path | None:
+    """Write the trade-off figure (one panel per available metric pair); None if no
+    method has any pair measured."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from ..io import atomic_path
+
+    methods = results["methods"]
+    panels = [
+        panel
+        for panel in PANELS
+        if any(
+            m.get(panel[0]) is not None and m.get(panel[1]) is not None for m in methods.values()
+        )
+    ]
+    if not panels:
+        return None
+    # A Figure with its own Agg canvas: no pyplot, no global backend switch.
+    figure = Figure(figsize=(5.2 * len(panels), 4.6), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    colours: dict[str, str] = {}
+    for ax, (x_key, y_key, x_label, y_label, title) in zip(axes, panels):
+        by_method: dict[str, list] = {}
+        placed: dict[tuple, int] = {}  # rounded point -> labels already there
+        for label, method in methods.items():
+            x, y = method.get(x_key), method.get(y_key)
+            if x is None or y is None:
+                continue
+            by_method.setdefault(method.get("method", label), []).append(
+                (_steps(method), x, y, label)
+            )
+        for name, points in by_method.items():
+            colour = colours.setdefault(name, f"C{len(colours) % 10}")
+            points.sort()
+            if len(points) > 1:  # one method at growing step counts: the trade-off curve
+                ax.plot(
+                    [p[1] for p in points], [p[2] for p in points], "-", color=colour, alpha=0.5
+                )
+            for _, x, y, label in points:
+                ax.plot([x], [y], "o", color=colour)
+                # Labels of methods on one spot stack downwards, so each stays readable.
+                spot = (round(x, 3), round(y, 3))
+                offset = 4 - 11 * placed.get(spot, 0)
+                placed[spot] = placed.get(spot, 0) + 1
+                ax.annotate(
+                    label, (x, y), textcoords="offset points", xytext=(5, offset), fontsize=8
+                )
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(y_label)
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        if x_key == "editability":  # shares: the whole [0, 1] square, comparable across runs
+            ax.set_xlim(-0.03, 1.03)
+            ax.set_ylim(-0.03, 1.03)
+        else:
+            ax.margins(0.15)
+            ax.ticklabel_format(useOffset=False)
+    figure.suptitle(f"reconstruction vs editability: {Path(str(results['suite'])).name}")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120)
+    return path
+
+
+def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
+    """Write results.md and tradeoff.png into `out_dir`; returns name -> path written."""
+    from ..io import atomic_write_text
+
+    out = Path(out_dir)
+    written = {"table": atomic_write_text(out / "results.md", format_table(results))}
+    plot = plot_tradeoff(results, out / "tradeoff.png")
+    if plot is not None:
+        written["plot"] = plot
+    return written

@@ -1,0 +1,402 @@
+"""`oneword eval`: metric functions on hand-made predictions, the scorers on tiny models, and
+the harness end to end on the tiny world (CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from oneword.cli import main
+from oneword.datasets.suite import write_world_suite
+from oneword.datasets.world import HELD_OUT
+from oneword.errors import OnewordError
+from oneword.evaluation import METHODS, EvalConfig, LearnedToken, evaluate
+from oneword.evaluation.harness import QUALITY_METRICS, fill_prompt, parse_methods
+from oneword.evaluation.metrics import (
+    load_clip_scorer,
+    load_dino_scorer,
+    matched_similarity,
+    matches,
+    oracle_scores,
+    pairwise_similarity,
+    peak_memory_mib,
+    strip_token,
+)
+from oneword.evaluation.report import format_table, plot_tradeoff
+
+STAR = {"shape": "star", "colour": "pink", "pattern": "solid"}
+
+
+def _predictions(*samples: dict) -> dict[str, list[str]]:
+    """Oracle-style predictions (attribute -> values) from one dict per sample."""
+    return {name: [s[name] for s in samples] for name in samples[0]}
+
+
+def _sample(**changes) -> dict:
+    return {**STAR, "background": "white", "size": "big", "position": "center", **changes}
+
+
+# ---------------------------------------------------------------------------------------
+# Oracle metrics on hand-made predictions
+
+
+def test_identity_counts_samples_with_shape_colour_and_pattern_all_right():
+    identity = _predictions(_sample(), _sample(), _sample(background="red"), _sample(colour="teal"))
+    scores = oracle_scores(identity, [], [], STAR)
+    assert scores["identity"] == 0.75  # 3 of 4; the background does not matter
+    assert scores["editability"] is None  # no edit prompts
+    assert scores["per_attribute"] == {"shape": 1.0, "colour": 0.75, "pattern": 1.0}
+
+
+def test_editability_needs_the_edit_and_the_identity():
+    identity = _predictions(_sample(), _sample())
+    green = _predictions(
+        _sample(background="green"),  # edit holds, identity kept: counted
+        _sample(background="green", shape="circle"),  # edit holds, identity lost: not counted
+        _sample(background="red"),  # identity kept, edit failed: not counted
+        _sample(background="green", pattern="dotted"),  # not counted
+    )
+    small_left = _predictions(
+        _sample(size="small", position="left"),  # counted
+        _sample(size="small", position="right"),  # half the edit: not counted
+        _sample(size="small", position="left"),  # counted
+        _sample(size="big", position="left"),  # not counted
+    )
+    nothing = _predictions(*[_sample(shape="heart")] * 4)  # asks for no edit: ignored
+    edits = [{"background": "green"}, {"size": "small", "position": "left"}, {}]
+    scores = oracle_scores(identity, [green, small_left, nothing], edits, STAR)
+    assert scores["identity"] == 1.0
+    assert scores["editability"] == 3 / 8
+    assert scores["edit_samples"] == 8
+    per = scores["per_attribute"]
+    assert per["background"] == 3 / 4
+    assert per["size"] == 3 / 4 and per["position"] == 3 / 4
+    assert per["shape"] == 9 / 10  # 2 identity + 8 edit samples, one circle
+    assert list(per) == ["shape", "colour", "pattern", "background", "size", "position"]
+
+
+def test_an_edit_of_an_identity_attribute_overrides_it():
+    identity = _predictions(_sample())
+    red = _predictions(_sample(colour="red"), _sample())
+    scores = oracle_scores(identity, [red], [{"colour": "red"}], STAR)
+    assert scores["editability"] == 0.5  # the red one counts; the unchanged pink one does not
+
+
+def test_matches_and_missing_attributes():
+    predictions = _predictions(_sample(), _sample(size="small"))
+    assert matches(predictions, {"size": "big"}) == [True, False]
+    assert matches(predictions, {}) == [True, True]
+    with pytest.raises(OnewordError, match="does not predict"):
+        matches(predictions, {"texture": "rough"})
+    with pytest.raises(OnewordError, match="name none of"):
+        oracle_scores(predictions, [], [], {"size": "big"})
+
+
+# ---------------------------------------------------------------------------------------
+# Similarities and scorers
+
+
+def test_strip_token_as_gal_et_al():
+    assert strip_token("a photo of {} on a green background") == "a photo of on a green background"
+    assert strip_token("{} on the left") == "on the left"
+    assert strip_token("a photo of <t>.", "<t>") == "a photo of."
+    assert strip_token("a {} dog in the jungle") == "a dog in the jungle"
+    assert fill_prompt("a {} dog in the jungle", "dog", "dog") == "a dog in the jungle"
+    assert fill_prompt("a {} dog in the jungle", "<t>", "dog") == "a <t> dog in the jungle"
+    assert fill_prompt("a photo of {}", "object", "object") == "a photo of object"
+
+
+def test_similarities():
+    features = torch.nn.functional.normalize(
+        torch.randn(3, 8, generator=torch.Generator().manual_seed(0)), dim=-1
+    )
+    assert matched_similarity(features, features) == pytest.approx(1.0)
+    same = features[:1].expand(3, -1)
+    assert pairwise_similarity(same, same) == pytest.approx(1.0)
+    expected = float((features @ features.T).mean())
+    assert pairwise_similarity(features, features) == pytest.approx(expected)
+
+
+def _shapes() -> list[Image.Image]:
+    from oneword.datasets.world import Scene, render
+    from oneword.images import tensor_to_images
+
+    scenes = [
+        Scene("star", "red", "solid", "white", "big", "center"),
+        Scene("ring", "blue", "dotted", "yellow", "small", "left"),
+    ]
+    return tensor_to_images(render(scenes).float() / 127.5 - 1)
+
+
+def test_world_clip_scores_identical_images_one(tiny_world_dir):
+    scorer = load_clip_scorer(None, tiny_world_dir)  # the world's own CLIP by default
+    assert scorer is not None and scorer.name == "world"
+    star, ring = _shapes()
+    features = scorer.image_features([star, star, ring])
+    assert pairwise_similarity(features[:1], features[1:2]) == pytest.approx(1.0, abs=1e-5)
+    assert pairwise_similarity(features[:1], features[2:]) < 0.9999
+    texts = scorer.text_features(["a red star", "a red star", "a blue ring"])
+    assert texts.shape == (3, features.shape[1])
+    assert torch.allclose(texts.norm(dim=-1), torch.ones(3))
+    assert torch.equal(texts[0], texts[1])
+    assert torch.equal(scorer.image_features([star, star, ring]), features)  # deterministic
+    # Another batch size changes the float summation order, not the feature.
+    torch.testing.assert_close(scorer.image_features([star]), features[:1], atol=1e-5, rtol=0)
+
+
+def test_no_world_clip_means_no_clip_scores(tiny_sd1_dir):
+    assert load_clip_scorer(None, tiny_sd1_dir) is None
+    with pytest.raises(OnewordError, match="--clip world needs"):
+        load_clip_scorer("world", tiny_sd1_dir)
+    with pytest.raises(OnewordError, match="expected world, open_clip"):
+        load_clip_scorer("clip:nope", tiny_sd1_dir)
+
+
+def test_transformers_clip_and_dino_folders(tmp_path):
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        ViTConfig,
+        ViTImageProcessor,
+        ViTModel,
+    )
+
+    from oneword.tokenizer import write_clip_tokenizer
+
+    torch.manual_seed(0)
+    text = {
+        "vocab_size": 49408,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+    }
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 8,
+    }
+    CLIPModel(
+        CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+    ).save_pretrained(tmp_path / "clip")
+    write_clip_tokenizer(tmp_path / "clip")
+    CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(tmp_path / "clip")
+    ViTModel(
+        ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+        )
+    ).save_pretrained(tmp_path / "dino")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "dino")
+
+    star, ring = _shapes()
+    clip = load_clip_scorer(f"transformers:{tmp_path / 'clip'}", None)
+    features = clip.image_features([star, star, ring])
+    assert features.shape == (3, 16)
+    assert pairwise_similarity(features[:1], features[1:2]) == pytest.approx(1.0, abs=1e-5)
+    assert clip.text_features(["a photo of on the left"]).shape == (1, 16)
+    dino = load_dino_scorer(tmp_path / "dino")
+    features = dino.image_features([star, star, ring])
+    assert features.shape == (3, 32)
+    assert pairwise_similarity(features[:1], features[1:2]) == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(OnewordError, match="no config.json"):
+        load_dino_scorer(tmp_path)
+
+
+def test_open_clip_from_a_local_folder(tmp_path):
+    import open_clip.model
+    from safetensors.torch import save_file
+
+    config = {
+        "embed_dim": 16,
+        "vision_cfg": {
+            "image_size": 32,
+            "layers": 1,
+            "width": 32,
+            "patch_size": 8,
+            "head_width": 16,
+        },
+        "text_cfg": {
+            "context_length": 77,
+            "vocab_size": 49408,
+            "width": 32,
+            "heads": 2,
+            "layers": 1,
+        },
+    }
+    folder = tmp_path / "oc"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config}))
+    torch.manual_seed(0)
+    state = open_clip.model.CLIP(**config).state_dict()
+    save_file(
+        {k: v.contiguous() for k, v in state.items()}, str(folder / "open_clip_model.safetensors")
+    )
+    scorer = load_clip_scorer(f"open_clip:tiny:{folder}", None)
+    star, ring = _shapes()
+    features = scorer.image_features([star, star, ring])
+    assert features.shape == (3, 16)
+    assert pairwise_similarity(features[:1], features[1:2]) == pytest.approx(1.0, abs=1e-5)
+    assert scorer.text_features(["a red star"]).shape == (1, 16)
+
+
+def test_peak_memory_is_measured():
+    assert peak_memory_mib("cpu") > 10  # the interpreter and torch alone take more
+
+
+# ---------------------------------------------------------------------------------------
+# The harness
+
+
+@pytest.fixture(scope="module")
+def world_suite(tmp_path_factory):
+    return write_world_suite(
+        tmp_path_factory.mktemp("suite") / "suite", images_per_concept=2, identities=HELD_OUT[:2]
+    )
+
+
+QUICK = ["--concepts", "1", "--samples", "1", "--steps", "2", "--device", "cpu", "--quiet"]
+
+
+def _metrics(results: dict) -> dict:
+    keep = (*QUALITY_METRICS, "per_attribute")
+    return {
+        label: [{k: row[k] for k in keep} for row in method["per_concept"]]
+        + [{k: method[k] for k in keep}]
+        for label, method in results["methods"].items()
+    }
+
+
+def test_eval_on_the_tiny_world_writes_the_report_and_is_deterministic(
+    tiny_world_dir, world_suite, tmp_path, capsys
+):
+    args = ["eval", "--model", str(tiny_world_dir), "--suite", str(world_suite)]
+    args += ["--methods", "classword,classic:2", "--grid-concepts", "1", *QUICK]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert "| classic:2 |" in capsys.readouterr().out
+    results = json.loads((tmp_path / "a" / "results.json").read_text())
+
+    # 1. The fields, for both methods.
+    for key in ("model", "suite", "seed", "device", "samples", "commit", "date"):
+        assert key in results
+    assert results["device"] == "cpu" and results["samples"] == 1 and results["oracle"] is True
+    assert results["clip"] == "world" and results["dino"] is None
+    assert list(results["methods"]) == ["classword", "classic:2"]
+    for label, method in results["methods"].items():
+        for key in (
+            *QUALITY_METRICS,
+            "seconds_per_concept",
+            "unet_passes_per_concept",
+            "peak_memory_mib",
+            "per_concept",
+        ):
+            assert key in method, (label, key)
+        assert 0 <= method["identity"] <= 1 and 0 <= method["editability"] <= 1
+        assert -1 <= method["clip_i"] <= 1 and -1 <= method["clip_t"] <= 1
+        assert method["dino"] is None
+        assert method["peak_memory_mib"] > 0
+        assert len(method["per_concept"]) == 1
+        assert (tmp_path / "a" / method["grid"]).is_file()
+    assert results["methods"]["classword"]["unet_passes_per_concept"] == 0
+    assert results["methods"]["classic:2"]["unet_passes_per_concept"] == 2
+    assert results["methods"]["classic:2"]["steps"] == 2
+    row = results["methods"]["classic:2"]["per_concept"][0]
+    assert row["concept"] == HELD_OUT[0].name and row["word"].startswith("<m1c")
+    # identity is over the one "a photo of S*" sample; editability over one sample per edit
+    assert row["identity_samples"] == 1 and row["edit_samples"] >= 8
+    assert (
+        tmp_path / "a" / "embeddings" / "classic-2" / f"{HELD_OUT[0].name}.safetensors"
+    ).is_file()
+    assert (tmp_path / "a" / "grids" / "classword.png").is_file()
+    assert Image.open(tmp_path / "a" / "tradeoff.png").size[0] > 300
+    table = (tmp_path / "a" / "results.md").read_text()
+    assert "| classword |" in table and "| classic:2 |" in table and "position" in table
+
+    # 2. The same seed on the CPU gives the same numbers.
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    again = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert _metrics(again) == _metrics(results)
+
+
+def test_dreambooth_layout_and_a_registered_method(tiny_world_dir, tmp_path, monkeypatch):
+    from oneword.tokens import add_placeholder
+
+    # DreamBooth's published layout: subject folders beside prompts_and_classes.txt.
+    (tmp_path / "db" / "shape").mkdir(parents=True)
+    for i, image in enumerate(_shapes()):
+        image.save(tmp_path / "db" / "shape" / f"{i:02d}.jpg")
+    (tmp_path / "db" / "prompts_and_classes.txt").write_text(
+        "Classes\n\nsubject_name,class\nshape,star\n\nObject Prompts\n\n"
+        "'a {0} {1} on a green background'.format(unique_token, class_token),\n"
+    )
+    calls = []
+
+    def probe(model, concept, run):  # a method that learns nothing but adds a real token
+        calls.append((concept.name, run.token, len(run.images), run.arg))
+        placeholder = add_placeholder(model, run.token, concept.class_word)
+        return LearnedToken(run.token, [placeholder], {"unet_forward_passes": 7})
+
+    monkeypatch.setitem(METHODS, "probe", probe)
+    config = EvalConfig(
+        methods=("classword", "probe:x"), samples=2, steps=1, device="cpu", quiet=True
+    )
+    results = evaluate(str(tiny_world_dir), tmp_path / "db", config, tmp_path / "out")
+    assert calls == [("shape", "<m1c0000>", 2, "x")]
+    for method in results["methods"].values():
+        assert method["identity"] is None and method["editability"] is None  # no ground truth
+        assert method["per_attribute"] is None
+        assert method["clip_i"] is not None and method["clip_t"] is not None
+    assert results["oracle"] is False
+    assert results["methods"]["probe:x"]["unet_passes_per_concept"] == 7
+    # The probe token starts at the class word's embedding, so its samples match classword's.
+    assert results["methods"]["probe:x"]["clip_i"] == pytest.approx(
+        results["methods"]["classword"]["clip_i"], abs=1e-4
+    )
+    assert (tmp_path / "out" / "results.md").is_file() and (
+        tmp_path / "out" / "tradeoff.png"
+    ).is_file()
+
+
+def test_unknown_method_and_missing_suite_fail_before_any_work(
+    tiny_world_dir, world_suite, tmp_path, capsys
+):
+    with pytest.raises(OnewordError, match="unknown method 'encoder'.*known: classic, classword"):
+        parse_methods("classword,encoder")
+    with pytest.raises(OnewordError, match="positive step count"):
+        parse_methods("classword,classic:4OO")  # before any work, not after classword ran
+    with pytest.raises(OnewordError, match="takes no argument"):
+        parse_methods("classword:3")
+    with pytest.raises(OnewordError, match="listed twice"):
+        parse_methods("classic:5,classic:5")
+    assert parse_methods("classword, classic:50")[1][0] == "classic:50"
+
+    base = ["eval", "--model", "/nonexistent/model", "--out", str(tmp_path / "out")]
+    assert main([*base, "--suite", str(world_suite), "--methods", "classword,nope"]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert main([*base, "--suite", str(tmp_path / "no-suite")]) == 2
+    err = capsys.readouterr().err
+    assert "no-suite does not exist" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_without_any_quality_metric():
+    results = {
+        "suite": "s", "model": "m", "device": "cpu", "samples": 1, "seed": 0,
+        "methods": {"classword": {"method": "classword", "identity": None, "editability": None, "clip_i": None, "clip_t": None, "dino": None, "seconds_per_concept": 0.0, "unet_passes_per_concept": 0, "peak_memory_mib": None}},
+    }  # fmt: skip
+    table = format_table(results)
+    assert "| classword | – | – | – | – | – | 0.00 | 0 | – |" in table
+    assert plot_tradeoff(results, "/nonexistent/never-written.png") is None
