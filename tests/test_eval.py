@@ -400,3 +400,48 @@ def test_report_without_any_quality_metric():
     table = format_table(results)
     assert "| classword | – | – | – | – | – | 0.00 | 0 | – |" in table
     assert plot_tradeoff(results, "/nonexistent/never-written.png") is None
+
+
+def test_clip_t_scores_each_sample_against_its_prompt_without_the_token():
+    from oneword.datasets.suite import SuiteConcept
+    from oneword.evaluation.harness import _Reference, _score, _Scorers
+    from oneword.evaluation.metrics import ImageTextScorer
+
+    seen = []
+
+    def encode_texts(texts):
+        seen.extend(texts)
+        return torch.ones(len(texts), 4)
+
+    scorer = ImageTextScorer("fake", lambda images: torch.ones(len(images), 4), encode_texts)
+    concept = SuiteConcept(
+        "c", [], "star", ["a photo of {} on a green background", "{} on the left"]
+    )
+    samples = [Image.new("RGB", (8, 8))] * 6  # 2 per prompt: identity, then the two prompts
+    reference = _Reference([], scorer.image_features(samples[:1]), None)
+    row = _score(concept, samples, reference, _Scorers(None, scorer, None), per_prompt=2)
+    assert seen == ["a photo of on a green background"] * 2 + ["on the left"] * 2
+    assert row["clip_t"] == pytest.approx(1.0) and row["clip_i"] == pytest.approx(1.0)
+    assert row["identity"] is None and row["dino"] is None
+
+
+def test_a_concept_scores_the_same_alone_or_after_others(tiny_world_dir, world_suite, tmp_path):
+    # One model serves every concept (each with its own token): the tokens learned before
+    # a concept must not change what it learns or how its samples score.
+    from safetensors.torch import load_file
+
+    alone = write_world_suite(tmp_path / "alone", images_per_concept=2, identities=HELD_OUT[1:2])
+    config = EvalConfig(methods=("classic:2",), samples=1, steps=2, device="cpu", quiet=True)
+    both = evaluate(str(tiny_world_dir), world_suite, config, tmp_path / "both")
+    one = evaluate(str(tiny_world_dir), alone, config, tmp_path / "one")
+    keep = (*QUALITY_METRICS, "per_attribute")
+    second = both["methods"]["classic:2"]["per_concept"][1]
+    only = one["methods"]["classic:2"]["per_concept"][0]
+    assert second["concept"] == only["concept"] == HELD_OUT[1].name
+    assert {k: second[k] for k in keep} == {k: only[k] for k in keep}
+    name = f"{HELD_OUT[1].name}.safetensors"
+    rows_both = next(
+        iter(load_file(tmp_path / "both" / "embeddings" / "classic-2" / name).values())
+    )
+    rows_one = next(iter(load_file(tmp_path / "one" / "embeddings" / "classic-2" / name).values()))
+    torch.testing.assert_close(rows_both, rows_one, atol=0, rtol=0)
