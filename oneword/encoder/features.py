@@ -324,4 +324,61 @@ class FeatureCache:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
 
 
-__all__ = ["FeatureCache", "ImageFeatures", "ImageTower", "load_tower"]
+class Featurizer:
+    """What the frozen parts compute from images, with an optional `FeatureCache`.
+
+    `features`: the tower's pooled and token features (the encoder's input, for references);
+    `latent_distribution`: the VAE posterior (the denoising loss's input, for targets).
+    Each image is cached under its key only when `usable` says so (a key, no augmentation).
+    """
+
+    def __init__(self, tower: ImageTower, model, cache: FeatureCache | None = None):
+        self.tower = tower
+        self.model = model
+        self.cache = cache
+
+    def _cached(self, kind, pixels, keys, usable, compute):
+        """compute(pixels) -> dict of (n, ...) tensors; rows with a usable key go through the cache."""
+        if self.cache is None or not any(usable):
+            return compute(pixels)
+        found = [self.cache.get(kind, k) if ok else None for k, ok in zip(keys, usable)]
+        missing = [i for i, f in enumerate(found) if f is None]
+        if missing:
+            fresh = compute(pixels[missing])
+            for j, i in enumerate(missing):
+                found[i] = {name: value[j] for name, value in fresh.items()}
+                if usable[i]:
+                    self.cache.put(kind, keys[i], found[i])
+        device = self.model.device
+        return {name: torch.stack([f[name].to(device) for f in found]) for name in found[0]}
+
+    @torch.no_grad()
+    def features(self, pixels, keys, usable) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (n, 3, H, W) -> pooled (n, p), tokens (n, t, w) fp32."""
+
+        def compute(chunk):
+            out = self.tower(chunk.to(self.model.device))
+            return {"pooled": out.pooled, "tokens": out.tokens}
+
+        result = self._cached("tower", pixels, keys, usable, compute)
+        return result["pooled"], result["tokens"]
+
+    @torch.no_grad()
+    def latent_distribution(self, pixels, keys, usable) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (n, 3, H, W) -> VAE posterior mean and std, each (n, 4, h, w) fp32."""
+        model = self.model
+
+        def compute(chunk):
+            images = chunk.to(model.device).float() / 127.5 - 1.0  # (n, 3, H, W) in [-1, 1]
+            means, stds = [], []
+            for part in images.split(16):
+                posterior = model.vae.encode(part.to(model.dtype)).latent_dist
+                means.append(posterior.mean.float())
+                stds.append(posterior.std.float())
+            return {"mean": torch.cat(means), "std": torch.cat(stds)}
+
+        result = self._cached("latents", pixels, keys, usable, compute)
+        return result["mean"], result["std"]
+
+
+__all__ = ["FeatureCache", "Featurizer", "ImageFeatures", "ImageTower", "load_tower"]

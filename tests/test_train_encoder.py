@@ -1,0 +1,172 @@
+"""train_encoder.py end to end on the tiny world: files, resume, validation, shards, two processes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("train_encoder", ROOT / "train_encoder.py")
+train_encoder = importlib.util.module_from_spec(spec)
+sys.modules["train_encoder"] = train_encoder  # dataclasses look their module up there
+spec.loader.exec_module(train_encoder)
+
+
+def _records(out: Path, event: str) -> list[dict]:
+    lines = (out / "log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == event]
+
+
+def _run(world, out, *extra) -> int:
+    args = ["--preset", "tiny", "--model", str(world), "--out", str(out), "--quiet", *extra]
+    return train_encoder.main(args)
+
+
+def test_help_documents_every_option_with_examples(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_encoder.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for field in train_encoder.fields(train_encoder.TrainConfig):
+        assert "--" + field.name.replace("_", "-") in text
+    assert "examples:" in text and "--preset tiny" in text and "torchrun" in text
+    assert "--resume" in text and "--preset" in text
+
+
+def test_tiny_run_writes_the_encoder_checkpoints_log_and_grid(tiny_world_dir, tmp_path):
+    from oneword.encoder.model import load_encoder
+
+    out = tmp_path / "run"
+    assert _run(tiny_world_dir, out) == 0
+    # 1. The final encoder loads from its file alone and has moved away from the class word.
+    encoder = load_encoder(out / "encoder.safetensors")
+    assert encoder.metadata["step"] == "4"
+    assert float(encoder.outputs[0].weight.detach().abs().sum()) > 0
+    assert encoder.config.family == "sd1" and encoder.config.tower == "world"
+    # 2. Checkpoints (pickle-free: safetensors + JSON) at the preset's interval and the end.
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["step-000002", "step-000004"]
+    state = json.loads((out / "checkpoints" / "step-000004" / "state.json").read_text())
+    assert state["step"] == 4 and state["data"] == [{"next_batch": 4}]
+    # 3. The log: config, the loader's own throughput, training and validation records.
+    start = _records(out, "start")[0]
+    assert start["config"]["steps"] == 4 and start["encoder"]["widths"] == [32]
+    loader = _records(out, "loader")[0]
+    assert loader["loader_images_per_s"] > 0
+    train = _records(out, "train")
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert all(r["images_per_s"] > 0 and r["loss"] > 0 for r in train)
+    assert train[0]["reg"] == 0.0 and train[-1]["reg"] > 0  # zero-initialised offsets grow
+    (val,) = _records(out, "val")
+    assert val["concepts"] == 2 and val["loss_encoder"] > 0 and val["loss_classword"] > 0
+    assert set(val["oracle"]) == {"shape", "colour", "pattern", "identity"}
+    assert val["oracle_samples"] == 4  # 2 concepts x 2 samples, read by the oracle
+    assert Path(val["grid"]).is_file() and Path(val["grid"]).parent == out / "val"
+    end = _records(out, "end")[0]
+    assert end["step"] == 4 and end["images_per_s"] > 0 and end["loader_images_per_s"] > 0
+
+
+def test_resume_continues_the_step_count_and_the_data_stream(tiny_world_dir, tmp_path):
+    from oneword.encoder.model import load_encoder
+
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert _run(tiny_world_dir, whole, "--log-keys", "--val-every", "100") == 0
+    assert _run(tiny_world_dir, parts, "--log-keys", "--val-every", "100", "--steps", "2") == 0
+    # Without --resume an existing run is never overwritten.
+    assert _run(tiny_world_dir, parts, "--val-every", "100") == 2
+    assert _run(tiny_world_dir, parts, "--log-keys", "--val-every", "100", "--resume") == 0
+    a = load_encoder(whole / "encoder.safetensors").state_dict()
+    b = load_encoder(parts / "encoder.safetensors").state_dict()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=0)  # bitwise on the CPU
+    assert _records(parts, "start")[-1]["resumed_from"] == 2
+    assert [r["step"] for r in _records(parts, "train")] == [1, 2, 3, 4]
+
+    def stream(out):
+        lines = (out / "ranks" / "rank-0.jsonl").read_text().splitlines()
+        return [(r["batch_index"], r["names"]) for r in map(json.loads, lines) if "names" in r]
+
+    assert stream(parts) == stream(whole)
+    assert [index for index, _ in stream(whole)] == [0, 1, 2, 3]
+
+
+def test_resume_refuses_changed_settings_and_missing_runs(tiny_world_dir, tmp_path, capsys):
+    assert _run(tiny_world_dir, tmp_path / "none", "--resume") == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert _run(tiny_world_dir, out, "--steps", "1", "--val-every", "100") == 0
+    assert _run(tiny_world_dir, out, "--resume", "--lr", "0.1") == 2
+    assert "lr: 0.0003 -> 0.1" in capsys.readouterr().err
+
+
+def test_distillation_and_feature_cache_on_folder_data(tiny_world_dir, tmp_path):
+    from oneword.datasets.suite import write_world_suite
+    from oneword.datasets.world import training_identities
+    from oneword.embeddings import TokenEmbedding, save_embedding
+
+    identities = training_identities()[:2]
+    suite = write_world_suite(tmp_path / "train-suite", images_per_concept=4, identities=identities)
+    distill = tmp_path / "distill"
+    for identity in identities:  # stand-ins for `oneword invert --concepts` outputs
+        vectors = [torch.full((1, 32), 0.05)]
+        save_embedding(
+            distill / identity.name / "learned_embeds.safetensors", TokenEmbedding("<t>", vectors)
+        )
+    extra = ["--data", f"folders:{suite}", "--distill", str(distill), "--val-every", "100"]
+    cache = tmp_path / "cache"
+    extra += ["--cache-features", str(cache), "--steps", "3", "--references", "1", "--targets", "1"]
+    assert _run(tiny_world_dir, tmp_path / "run", *extra) == 0
+    train = _records(tmp_path / "run", "train")
+    assert all(r["distill"] > 0 for r in train)
+    # 4 images per identity, 2 seen per example: by step 3 most reads are cache hits.
+    assert train[-1]["cache"]["hits"] > 0
+    assert (cache / "cache.json").is_file() and any((cache / "tower").rglob("*.safetensors"))
+
+
+def test_tensorboard_is_optional(tiny_world_dir, tmp_path, capsys):
+    installed = importlib.util.find_spec("tensorboard") is not None
+    assert _run(tiny_world_dir, tmp_path / "run", "--tensorboard", "--steps", "1") == 0
+    if installed:
+        assert any((tmp_path / "run" / "tensorboard").iterdir())
+    else:
+        assert "tensorboard is not installed" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_read_disjoint_shards_and_end_with_identical_weights(
+    tiny_world_dir, tmp_path
+):
+    from oneword.datasets.shards import write_world_shards
+    from oneword.datasets.world import training_identities
+
+    # Few identities, so that groups of N + M images of one identity fill up quickly.
+    identities = training_identities()[::200]
+    write_world_shards(tmp_path / "shards", 96, seed=1, maxcount=24, identities=identities)
+    out = tmp_path / "ddp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--nproc_per_node", "2", str(ROOT / "train_encoder.py")]
+    command += ["--preset", "tiny", "--model", str(tiny_world_dir), "--out", str(out), "--quiet"]
+    command += ["--data", f"shards:{tmp_path / 'shards'}", "--log-keys", "--val-every", "100"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    shards, digests = [], []
+    for rank in range(2):
+        lines = [
+            json.loads(x) for x in (out / "ranks" / f"rank-{rank}.jsonl").read_text().splitlines()
+        ]
+        shards.append({key.split("/")[0] for r in lines if "keys" in r for key in r["keys"]})
+        digests.append(lines[-1]["weights_sha1"])
+    assert shards[0] and shards[1] and not shards[0] & shards[1]
+    assert shards[0] <= {"shard-000000.tar", "shard-000002.tar"}  # rank r reads shards r, r+2
+    assert digests[0] == digests[1]
+    start = _records(out, "start")[0]
+    assert start["world_size"] == 2
+    assert (out / "encoder.safetensors").is_file()

@@ -1,0 +1,1037 @@
+"""Pretrain the concept encoder: a few images of an identity -> the rows of a new word.
+
+The encoder (`oneword.encoder.model`) reads N reference images through a frozen CLIP image
+tower and predicts K rows per text encoder. It is trained through the frozen diffusion
+model, with the objective of textual inversion (Eq. 2 of Gal et al., 2023) averaged over
+identities instead of optimised per concept (as in E4T/ELITE-style encoders):
+
+    L = E_{identity, t, eps} || eps - eps_theta(z_t, t, c_theta(y(S*))) ||^2     (M target views)
+      + reg_weight     * mean_k ||v_k - c_k||^2 / ||c_k||^2                   (stay near the class word)
+      + distill_weight * mean_k ||v_k - v*_k||^2 / ||c_k||^2                  (optional, toward
+                                                                               classic inversion)
+
+S* = the predicted rows v (placed in template prompts through the placeholder path, see
+`with_placeholder_rows`), z = VAE latents of M *other* images of the same identity (so the
+encoder must capture the identity, not one image's layout), c = the class word's rows and
+v* = rows learned by classic inversion for that identity (`--distill DIR`).
+
+Defaults (chosen from the tiny models and the paper's scales; to be measured on the world):
+reg_weight 1e-3 (the offset term is at most alpha^2 = 1, the denoising loss ~0.1-1, so this
+only bites on runaway offsets), distill_weight 0.1 when --distill is given, AdamW lr 3e-4
+with 500 warmup steps, 8 identities x (4 references + 4 targets) per step.
+
+The ablation to run on the real world (each ~the same budget; compare the val lines):
+
+    for reg in 0 1e-3 1e-2; do
+      python train_encoder.py --model checkpoints/world --reg-weight $reg --steps 4000 \\
+          --out runs/encoder-reg$reg
+    done
+    python train_encoder.py --model checkpoints/world --distill runs/distill \\
+        --distill-weight 0.1 --steps 4000 --out runs/encoder-distill
+
+where runs/distill holds classic-inversion tokens for training identities:
+
+    python -c "from oneword.datasets.suite import write_world_suite as w; \\
+        from oneword.datasets.world import training_identities as t; w('runs/train-suite', identities=t())"
+    oneword invert --model checkpoints/world --concepts runs/train-suite --steps 400 --out runs/distill
+
+Outputs in --out: encoder.safetensors (the final encoder; config in its metadata),
+checkpoints/step-XXXXXX/ (head + optimizer + step + data-stream state; pickle-free),
+log.jsonl (config, loader throughput, training and validation records) and val/*.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from oneword.encoder.data import make_source, mix_seed
+from oneword.encoder.features import FeatureCache, Featurizer, load_tower
+from oneword.encoder.model import (
+    ConceptEncoder,
+    EncoderConfig,
+    class_word_rows,
+    save_encoder,
+    with_placeholder_rows,
+)
+from oneword.errors import OnewordError
+from oneword.inversion import checkpoint as ckpt
+from oneword.inversion.objective import denoising_loss, encode_prompts
+from oneword.inversion.templates import fill, load_templates
+from oneword.models import DEFAULT_MODEL
+from oneword.tokens import add_placeholder, expand_prompt, set_rows
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run; logged at the start and stored in every checkpoint."""
+
+    model: str = DEFAULT_MODEL  # the frozen diffusion model (a world folder or any SD folder)
+    out: str = "runs/encoder"
+    data: str = "world"  # world | shards:PATTERN | folders:DIR (see oneword.encoder.data)
+    tower: str = "world"  # image tower spec (see oneword.encoder.features)
+    # The encoder head (EncoderConfig).
+    vectors: int = 1  # K rows per text encoder
+    dim: int = 128
+    queries: int = 4
+    heads: int = 4
+    mlp_ratio: int = 2
+    offset_scale: float = 1.0  # alpha: ||v - c|| <= alpha ||c||
+    # Data: per process and micro-step, `batch` identities with N references + M targets.
+    batch: int = 8
+    references: int = 4
+    targets: int = 4
+    augment: bool = False  # random crop/flip/jitter of every view
+    workers: int = 0  # DataLoader worker processes (0: load in the training process)
+    shuffle: int = 1000  # shard sample shuffle buffer
+    max_error_rate: float = 0.1  # stop when more shard samples than this fraction are bad
+    class_word: str = "object"  # class word for data without one
+    templates: str = "object"  # prompt templates: object, style or a file
+    # Objective.
+    reg_weight: float = 1e-3
+    distill: str | None = None  # folder of <identity>/learned_embeds.safetensors
+    distill_weight: float = 0.1
+    # Optimisation.
+    steps: int = 20000
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup: int = 500
+    lr_schedule: str = "constant"  # constant after warmup, or cosine down to 10% at --steps
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0  # 0: no clipping
+    mixed_precision: str = "auto"  # auto (bf16 on CUDA, no on CPU), no, fp16, bf16
+    precision: str | None = None  # the frozen model's precision on a GPU (bf16/fp16/fp32)
+    seed: int = 0
+    max_nonfinite: int = 10  # abort after this many skipped (non-finite) steps in a row
+    # Logging, checkpoints, validation.
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    val_every: int = 1000  # 0: only at the end
+    val_suite: str | None = None  # default: the world's held-out concepts (world models)
+    val_concepts: int = 8
+    val_draws: int = 16  # fixed (image, template, t, noise) draws per concept for the val loss
+    val_samples: int = 4  # oracle samples per concept ("a photo of <t>")
+    val_sample_steps: int = 20
+    tensorboard: bool = False
+    cache_features: str | None = None
+    log_keys: bool = False  # per-rank files of the image keys each step read (debugging)
+    probe_batches: int = 3  # batches read by the loader alone to measure its throughput
+    threads: int = 0  # torch CPU threads (0: torch's default)
+    device: str = "auto"  # auto, cpu or cuda
+    quiet: bool = False
+
+    def check(self) -> None:
+        positive = ("vectors", "batch", "references", "targets", "steps", "grad_accum")
+        positive += ("log_every", "checkpoint_every", "keep_checkpoints", "val_concepts")
+        positive += ("val_draws", "val_samples", "val_sample_steps", "probe_batches")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise OnewordError(
+                    f"--{name.replace('_', '-')} must be a positive integer, got {value!r}"
+                )
+        for name in ("reg_weight", "distill_weight", "weight_decay", "max_grad_norm", "warmup"):
+            if not getattr(self, name) >= 0:
+                raise OnewordError(f"--{name.replace('_', '-')} must be >= 0")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise OnewordError(f"--lr must be a positive number, got {self.lr}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise OnewordError(
+                f"--lr-schedule must be constant or cosine, got {self.lr_schedule!r}"
+            )
+        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
+            raise OnewordError(
+                f"--mixed-precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}"
+            )
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise OnewordError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+
+
+PRESETS: dict[str, dict] = {
+    # Seconds on a CPU with a tiny world; for tests and first contact. Quality: none.
+    "tiny": dict(
+        steps=4,
+        batch=2,
+        references=2,
+        targets=2,
+        dim=32,
+        queries=2,
+        heads=2,
+        warmup=1,
+        log_every=1,
+        checkpoint_every=2,
+        val_every=4,
+        val_concepts=2,
+        val_draws=2,
+        val_samples=2,
+        val_sample_steps=2,
+        probe_batches=1,
+        shuffle=10,
+    ),
+    # The miniature world on a 2-core CPU (see the README for the measured step time).
+    "world-cpu": dict(steps=3000, batch=8, references=4, targets=4, threads=1, val_every=500),
+}
+
+# Settings a resumed run must share with the run it continues (--steps may grow).
+RESUME_KEYS = (
+    "model", "data", "tower", "vectors", "dim", "queries", "heads", "mlp_ratio", "offset_scale",
+    "batch", "references", "targets", "augment", "templates", "reg_weight", "distill",
+    "distill_weight", "lr", "weight_decay", "warmup", "lr_schedule", "grad_accum", "seed",
+)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup, then constant (or cosine down to 10% at --steps)."""
+    if cfg.warmup and step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    if cfg.lr_schedule == "cosine":
+        progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-1 of every parameter's bytes (to compare ranks or runs bitwise)."""
+    digest = hashlib.sha1()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class JsonLog:
+    """Append-only JSON lines (one record per line, flushed at once)."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path = path
+        self.enabled = enabled
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+
+def open_tensorboard(cfg: TrainConfig, out: Path, is_main: bool):
+    if not (cfg.tensorboard and is_main):
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print(
+            "train_encoder.py: --tensorboard: tensorboard is not installed "
+            "(pip install 'oneword[tensorboard]'); continuing without it",
+            file=sys.stderr,
+        )
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def save_checkpoint(folder: Path, step: int, head, optimizer, state: dict, keep: int) -> Path:
+    """Atomic, pickle-free: head weights + optimizer tensors (safetensors) + state (JSON)."""
+    from safetensors.torch import save_file
+
+    from oneword.io import atomic_dir
+
+    tensors = {f"head.{k}": v for k, v in head.state_dict().items()}
+    optimizer_tensors, optimizer_state = ckpt.optimizer_tensors(optimizer)
+    tensors |= optimizer_tensors
+    final = folder / ckpt.checkpoint_name(step)
+    with atomic_dir(final) as tmp:
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+            str(tmp / "state.safetensors"),
+            metadata={"config": json.dumps(state["config"]), "encoder": head.config.to_json()},
+        )
+        (tmp / "state.json").write_text(json.dumps({**state, "optimizer": optimizer_state}))
+        for file in tmp.iterdir():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    for old in ckpt.list_checkpoints(folder)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_distill_targets(cfg: TrainConfig, model) -> dict[str, list[torch.Tensor]]:
+    """identity name -> per text encoder (K, d) rows learned by classic inversion."""
+    if not cfg.distill:
+        return {}
+    from oneword.embeddings import load_embedding
+
+    root = Path(cfg.distill)
+    files = sorted(root.glob("*/learned_embeds.safetensors"))
+    if not files:
+        raise OnewordError(
+            f"--distill {root}: no <identity>/learned_embeds.safetensors inside; make them with "
+            "oneword invert --concepts SUITE --out DIR"
+        )
+    targets = {}
+    for file in files:
+        embedding = load_embedding(file)
+        if embedding.widths != list(model.widths) or embedding.num_vectors != cfg.vectors:
+            raise OnewordError(
+                f"{file}: {embedding.describe()}, but the encoder predicts K={cfg.vectors} rows "
+                f"of widths {model.widths}"
+            )
+        targets[file.parent.name] = [v.to(model.device) for v in embedding.vectors]
+    return targets
+
+
+def flat(batch: dict, name: str) -> tuple[torch.Tensor, list, list[bool]]:
+    """(B, V, 3, H, W) views -> (B V, 3, H, W), their keys and whether each may be cached."""
+    views = batch[name]
+    keys = [k for row in batch[name.rstrip("s") + "_keys"] for k in row]
+    per_view = views.shape[1]
+    usable = [
+        key is not None and not augmented
+        for key, augmented in zip(keys, [a for a in batch["augmented"] for _ in range(per_view)])
+    ]
+    return views.flatten(0, 1), keys, usable
+
+
+def measure_loader(cfg: TrainConfig, make, batches: int) -> dict:
+    """Images/s of the data loader alone: a fresh copy of the source, read for a few batches."""
+    source = make()
+    loader = torch.utils.data.DataLoader(source, batch_size=None, num_workers=cfg.workers)
+    iterator = iter(loader)
+    started = time.perf_counter()
+    next(iterator)  # the first batch also pays for worker start-up
+    first = time.perf_counter()
+    for _ in range(batches - 1):
+        next(iterator)
+    done = time.perf_counter()
+    del iterator
+    per_batch = cfg.batch * (cfg.references + cfg.targets)
+    if batches > 1:
+        rate = per_batch * (batches - 1) / max(done - first, 1e-9)
+    else:
+        rate = per_batch / max(done - started, 1e-9)
+    return {
+        "loader_images_per_s": rate,
+        "loader_batches": batches,
+        "loader_startup_s": first - started,
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Validation
+
+
+class Validator:
+    """Loss of the predicted word vs the class word on held-out concepts, and oracle identity.
+
+    Every validation uses the same draws (image, template, timestep, noise) per concept, so
+    the numbers are comparable across steps. The oracle part needs <model>/oracle/.
+    """
+
+    def __init__(self, cfg: TrainConfig, model, featurizer: Featurizer, suite_dir: Path, out: Path):
+        from oneword.datasets.suite import read_suite
+        from oneword.images import images_to_tensor, load_images
+
+        self.cfg, self.model, self.featurizer, self.out = cfg, model, featurizer, out
+        self.templates = load_templates(cfg.templates)
+        self.concepts = read_suite(suite_dir)[: cfg.val_concepts]
+        self.pixels, self.draws, self.placeholders = [], [], []
+        timesteps = model.noise_scheduler.config.num_train_timesteps
+        for index, concept in enumerate(self.concepts):
+            pixels = images_to_tensor(load_images(concept.images, model.resolution))  # (n, 3, H, W)
+            self.pixels.append(pixels)
+            generator = torch.Generator().manual_seed(mix_seed("val", cfg.seed, concept.name))
+            uint8 = ((pixels + 1) * 127.5).round().to(torch.uint8)
+            mean, std = featurizer.latent_distribution(
+                uint8, [None] * len(pixels), [False] * len(pixels)
+            )
+            which = torch.randint(len(pixels), (cfg.val_draws,), generator=generator)
+            eps = torch.randn((cfg.val_draws, *mean.shape[1:]), generator=generator)
+            self.draws.append(
+                {
+                    "latents": (mean[which] + std[which] * eps.to(mean.device))
+                    * model.scaling_factor,
+                    "templates": torch.randint(
+                        len(self.templates), (cfg.val_draws,), generator=generator
+                    ).tolist(),
+                    "timesteps": torch.randint(timesteps, (cfg.val_draws,), generator=generator).to(
+                        model.device
+                    ),
+                    "noise": torch.randn((cfg.val_draws, *mean.shape[1:]), generator=generator).to(
+                        model.device
+                    ),
+                }
+            )
+            zeros = [torch.zeros(cfg.vectors, w) for w in model.widths]
+            self.placeholders.append(
+                add_placeholder(
+                    model, f"<oneword-val-{index}>", "object", cfg.vectors, init_rows=zeros
+                )
+            )
+        self.oracle = None
+        oracle_dir = Path(model.extra.get("folder", "")) / "oracle"
+        if (oracle_dir / "config.json").is_file():
+            from oneword.world.oracle import Oracle
+
+            try:
+                self.oracle = Oracle.load(oracle_dir, model.device)
+            except (OnewordError, RuntimeError) as error:  # e.g. a world made by an older oneword
+                print(
+                    f"train_encoder.py: validation without the oracle ({oracle_dir}: {error})",
+                    file=sys.stderr,
+                )
+
+    def _loss(self, draws, word: str, placeholder=None) -> float:
+        prompts = [fill(self.templates[t], word) for t in draws["templates"]]
+        if placeholder is not None:
+            prompts = [expand_prompt(p, [placeholder]) for p in prompts]
+        embeds = encode_prompts(self.model, prompts)
+        loss = denoising_loss(
+            self.model, draws["latents"], embeds, draws["noise"], draws["timesteps"]
+        )
+        return float(loss.loss.mean())
+
+    @torch.no_grad()
+    def __call__(self, head, step: int) -> dict:
+        from oneword.images import save_grid, tensor_to_images
+        from oneword.sampling import generate
+
+        model, cfg = self.model, self.cfg
+        head.eval()
+        encoder_losses, class_losses, grid, labels = [], [], [], []
+        oracle_hits = {"shape": 0, "colour": 0, "pattern": 0, "identity": 0}
+        oracle_total = 0
+        for concept, pixels, draws, placeholder in zip(
+            self.concepts, self.pixels, self.draws, self.placeholders
+        ):
+            # 1. Predict the word from all of the concept's images.
+            uint8 = ((pixels + 1) * 127.5).round().to(torch.uint8)
+            pooled, tokens = self.featurizer.features(
+                uint8, [None] * len(uint8), [False] * len(uint8)
+            )
+            class_rows = [
+                r.unsqueeze(0) for r in class_word_rows(model, concept.class_word, cfg.vectors)
+            ]
+            rows = [r[0] for r in head(pooled.unsqueeze(0), tokens.unsqueeze(0), class_rows).rows]
+            set_rows(model, placeholder, rows)
+            # 2. Denoising loss with the word vs with the class word, on the same draws.
+            encoder_losses.append(self._loss(draws, placeholder.token, placeholder))
+            class_losses.append(self._loss(draws, concept.class_word))
+            # 3. Samples of "a photo of <t>" and the oracle's reading of them.
+            images = generate(
+                model,
+                [f"a photo of {placeholder.token}"],
+                placeholders=[placeholder],
+                num_per_prompt=cfg.val_samples,
+                steps=cfg.val_sample_steps,
+                seed=cfg.seed,
+            )
+            references = tensor_to_images(pixels[: cfg.val_samples])
+            grid += references + [
+                references[0].copy() for _ in range(cfg.val_samples - len(references))
+            ]
+            grid += images
+            labels += [f"{concept.name}: images", f"'a photo of <t>' (step {step})"]
+            attributes = concept.attributes or {}
+            if self.oracle is not None and all(
+                a in attributes for a in ("shape", "colour", "pattern")
+            ):
+                from oneword.images import images_to_tensor
+
+                samples = ((images_to_tensor(images) + 1) * 127.5).round().to(torch.uint8)
+                predicted = self.oracle.predict(samples)
+                for i in range(len(images)):
+                    right = {
+                        a: predicted[a][i] == attributes[a] for a in ("shape", "colour", "pattern")
+                    }
+                    for a, ok in right.items():
+                        oracle_hits[a] += int(ok)
+                    oracle_hits["identity"] += int(all(right.values()))
+                oracle_total += len(images)
+        head.train()
+        grid_path = save_grid(
+            grid, self.out / "val" / f"step-{step:06d}.png", columns=cfg.val_samples, labels=labels
+        )
+        record = {
+            "event": "val",
+            "step": step,
+            "concepts": len(self.concepts),
+            "loss_encoder": sum(encoder_losses) / len(encoder_losses),
+            "loss_classword": sum(class_losses) / len(class_losses),
+            "grid": str(grid_path),
+        }
+        record["loss_gain"] = record["loss_classword"] - record["loss_encoder"]
+        if oracle_total:
+            record["oracle"] = {k: v / oracle_total for k, v in oracle_hits.items()}
+            record["oracle_samples"] = oracle_total
+        return record
+
+
+def default_val_suite(cfg: TrainConfig, model, stack: contextlib.ExitStack) -> Path | None:
+    """--val-suite, else (for a miniature world) its held-out concepts written to a temp folder."""
+    if cfg.val_suite:
+        return Path(cfg.val_suite)
+    folder = Path(model.extra.get("folder", ""))
+    if not (folder / "world.json").is_file():
+        return None
+    from oneword.datasets.suite import write_world_suite
+
+    temp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="oneword-val-")))
+    return write_world_suite(temp / "suite", resolution=model.resolution, seed=cfg.seed)
+
+
+# ---------------------------------------------------------------------------------------
+# Training
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
+    """Run (or resume) a pretraining run; returns the final summary record."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    from oneword.models import load_model
+
+    cfg.check()
+    out = Path(cfg.out)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise OnewordError("--device cuda, but no CUDA device is available")
+    mixed = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if cuda else "no")
+
+    # 1. Accelerate: one process per device; each rank reads its own data stream.
+    accelerator = Accelerator(
+        mixed_precision=mixed,
+        gradient_accumulation_steps=cfg.grad_accum,
+        project_config=ProjectConfiguration(
+            project_dir=str(out),
+            logging_dir=str(out / "tensorboard"),
+            total_limit=cfg.keep_checkpoints,
+        ),
+        cpu=not cuda,
+    )
+    rank, world_size, is_main = (
+        accelerator.process_index,
+        accelerator.num_processes,
+        accelerator.is_main_process,
+    )
+    checkpoints = out / "checkpoints"
+    if not resume and ckpt.list_checkpoints(checkpoints):
+        latest = ckpt.list_checkpoints(checkpoints)[-1].name
+        raise OnewordError(
+            f"{checkpoints} holds checkpoints of an earlier run (latest {latest}); pass --resume "
+            "to continue it, or choose a new --out"
+        )
+    if resume:
+        ckpt.latest_checkpoint(checkpoints)  # fail before any work if there is nothing to resume
+    log = JsonLog(out / "log.jsonl", enabled=is_main)
+    rank_log = JsonLog(out / "ranks" / f"rank-{rank}.jsonl", enabled=cfg.log_keys)
+
+    # 2. The frozen model and image tower; the encoder head.
+    model = load_model(cfg.model, device=accelerator.device, precision=cfg.precision)
+    tower = load_tower(
+        cfg.tower, model_folder=model.extra.get("folder"), device=model.device, dtype=model.dtype
+    )
+    encoder_config = EncoderConfig(
+        tower=cfg.tower,
+        pooled_dim=tower.pooled_dim,
+        token_dim=tower.token_dim,
+        family=model.family,
+        widths=tuple(model.widths),
+        num_vectors=cfg.vectors,
+        dim=cfg.dim,
+        queries=cfg.queries,
+        heads=cfg.heads,
+        mlp_ratio=cfg.mlp_ratio,
+        offset_scale=cfg.offset_scale,
+    )
+    torch.manual_seed(cfg.seed)  # the same initial head on every rank
+    head = ConceptEncoder(encoder_config).to(model.device).train()
+
+    # 3. One placeholder slot per identity of a micro-batch; the predicted rows go there.
+    zeros = [torch.zeros(cfg.vectors, width) for width in model.widths]
+    slots = [
+        add_placeholder(model, f"<oneword-slot-{i}>", "object", cfg.vectors, init_rows=zeros)
+        for i in range(cfg.batch)
+    ]
+    templates = load_templates(cfg.templates)
+    distill_targets = load_distill_targets(cfg, model)
+    class_rows_cache: dict[str, list[torch.Tensor]] = {}
+
+    def class_rows_of(word: str) -> list[torch.Tensor]:
+        if word not in class_rows_cache:
+            class_rows_cache[word] = [
+                r.to(model.device) for r in class_word_rows(model, word, cfg.vectors)
+            ]
+        return class_rows_cache[word]
+
+    # 4. Optimizer; Accelerate wraps the head in DDP when there are several processes.
+    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    head, optimizer = accelerator.prepare(head, optimizer)
+    plain_head = accelerator.unwrap_model(head)
+
+    # 5. Data: each rank its own stream (world/folders: its own seed; shards: its own shards).
+    def make():
+        return make_source(
+            cfg.data,
+            batch_size=cfg.batch,
+            references=cfg.references,
+            targets=cfg.targets,
+            resolution=model.resolution,
+            seed=cfg.seed,
+            rank=rank,
+            world_size=world_size,
+            augment=cfg.augment,
+            workers=cfg.workers,
+            shuffle=cfg.shuffle,
+            max_error_rate=cfg.max_error_rate,
+            default_class_word=cfg.class_word,
+        )
+
+    source = make()
+    cache = None
+    if cfg.cache_features:
+        if cfg.data == "world":
+            print(
+                "train_encoder.py: --cache-features is ignored for --data world (every image is new)",
+                file=sys.stderr,
+            )
+        else:
+            fingerprint = {
+                "tower": cfg.tower,
+                "model": model.extra.get("folder", cfg.model),
+                "resolution": model.resolution,
+            }
+            fingerprint |= {"dtype": str(model.dtype), "data": cfg.data}
+            cache = FeatureCache(cfg.cache_features, fingerprint)
+    featurizer = Featurizer(tower, model, cache)
+
+    # 6. Resume: head, optimizer, step and the data stream's position.
+    step, stats = 0, {"skipped_steps": 0, "nonfinite_in_row": 0, "seconds": 0.0, "images": 0}
+    if resume:
+        path = ckpt.latest_checkpoint(checkpoints)
+        tensors, state = ckpt.load_checkpoint(path)
+        changed = [k for k in RESUME_KEYS if state["config"].get(k) != getattr(cfg, k)]
+        if changed:
+            diff = ", ".join(
+                f"{k}: {state['config'].get(k)!r} -> {getattr(cfg, k)!r}" for k in changed
+            )
+            raise OnewordError(
+                f"--resume from {path}: the run was started with other settings ({diff}); use the "
+                "same settings (only --steps and logging options may change) or a new --out"
+            )
+        if state.get("world_size", 1) != world_size:
+            raise OnewordError(
+                f"--resume from {path}: it ran on {state.get('world_size')} process(es), this run on "
+                f"{world_size}; the data streams are per rank, so use the same number"
+            )
+        plain_head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+        ckpt.restore_optimizer(optimizer, tensors, state["optimizer"])
+        step, stats = state["step"], state["stats"]
+        source.load_state_dict(state["data"][rank])
+    else:  # a fresh run: logs of an earlier, checkpoint-less attempt are replaced
+        if is_main:
+            (out / "log.jsonl").unlink(missing_ok=True)
+        (out / "ranks" / f"rank-{rank}.jsonl").unlink(missing_ok=True)
+    resumed_from = step if resume else None
+
+    stack = contextlib.ExitStack()
+    validator = None
+    if is_main:
+        suite = default_val_suite(cfg, model, stack)
+        if suite is not None:
+            validator = Validator(cfg, model, featurizer, suite, out)
+    tensorboard = open_tensorboard(cfg, out, is_main)
+    log.write(
+        {
+            "event": "start",
+            "config": asdict(cfg),
+            "encoder": asdict(encoder_config),
+            "model": model.describe(),
+            "world_size": world_size,
+            "mixed_precision": mixed,
+            "resumed_from": resumed_from,
+            "head_parameters": sum(p.numel() for p in plain_head.parameters()),
+            "validation": None if validator is None else [c.name for c in validator.concepts],
+        }
+    )
+
+    # 7. The loader, and its own throughput (a separate copy, so the stream is untouched).
+    loader_rate = measure_loader(cfg, make, cfg.probe_batches) if is_main else {}
+    log.write({"event": "loader", **loader_rate})
+    loader = torch.utils.data.DataLoader(source, batch_size=None, num_workers=cfg.workers)
+    batches = iter(loader)
+    data_state = source.state_dict()
+
+    def checkpoint_state() -> dict:
+        states = (
+            accelerator.gather_for_metrics([data_state], use_gather_object=True)
+            if world_size > 1
+            else [data_state]
+        )
+        return {
+            "step": step,
+            "config": asdict(cfg),
+            "world_size": world_size,
+            "data": states,
+            "stats": stats,
+        }
+
+    images_per_step = world_size * cfg.grad_accum * cfg.batch * (cfg.references + cfg.targets)
+    bar = tqdm(
+        total=cfg.steps, initial=step, disable=cfg.quiet or not is_main, unit="step", desc="encoder"
+    )
+    last_saved = step if resume else None
+    step_times, window = [], []
+    finite, grad_norm = True, None
+    run_started = time.perf_counter()
+    while step < cfg.steps:
+        tic = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(cfg, step)
+        for micro in range(cfg.grad_accum):
+            # 8. Data: B identities, N references and M targets each.
+            batch = next(batches)
+            data_state = {"next_batch": batch["batch_index"] + 1}
+            count = len(batch["names"])
+            if cfg.log_keys:
+                rank_log.write(
+                    {"step": step, "micro": micro, "batch_index": batch["batch_index"], "names": batch["names"],
+                     "keys": [k for row in batch["reference_keys"] + batch["target_keys"] for k in row]}
+                )  # fmt: skip
+            with accelerator.accumulate(head):
+                # 9. Forward: features -> encoder -> rows -> prompts -> frozen UNet.
+                pixels, keys, usable = flat(batch, "references")
+                pooled, tokens = featurizer.features(pixels, keys, usable)
+                pooled = pooled.view(count, cfg.references, -1)  # (B, N, p)
+                tokens = tokens.view(count, cfg.references, *tokens.shape[1:])  # (B, N, t, w)
+                class_rows = [
+                    torch.stack([class_rows_of(w)[e] for w in batch["class_words"]])
+                    for e in range(len(model.widths))
+                ]  # per encoder (B, K, d)
+                with accelerator.autocast():
+                    output = head(pooled, tokens, class_rows)
+                pixels, keys, usable = flat(batch, "targets")
+                mean, std = featurizer.latent_distribution(pixels, keys, usable)  # (B M, 4, h, w)
+                generator = torch.Generator().manual_seed(
+                    mix_seed("step", cfg.seed, rank, step, micro)
+                )
+                latents = (
+                    mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)
+                ) * model.scaling_factor
+                timesteps = torch.randint(
+                    model.noise_scheduler.config.num_train_timesteps,
+                    (len(latents),),
+                    generator=generator,
+                ).to(model.device)
+                noise = torch.randn(mean.shape, generator=generator).to(model.device)
+                choices = torch.randint(
+                    len(templates), (len(latents),), generator=generator
+                ).tolist()
+                prompts = [
+                    expand_prompt(
+                        fill(templates[choices[b * cfg.targets + m]], slots[b].token), [slots[b]]
+                    )
+                    for b in range(count)
+                    for m in range(cfg.targets)
+                ]
+                view = with_placeholder_rows(model, slots[:count], output.rows)
+                denoise = denoising_loss(
+                    model, latents, encode_prompts(view, prompts), noise, timesteps
+                ).loss
+                # 10. Loss: denoising on the targets + offset regulariser (+ distillation).
+                loss_denoise = denoise.mean()
+                loss_reg = output.offset_ratio().mean()
+                loss = loss_denoise + cfg.reg_weight * loss_reg
+                loss_distill = torch.zeros((), device=model.device)
+                have = [i for i, name in enumerate(batch["names"]) if name in distill_targets]
+                if have and cfg.distill_weight > 0:
+                    terms = []
+                    for e, (rows, c) in enumerate(zip(output.rows, output.class_rows)):
+                        target = torch.stack([distill_targets[batch["names"][i]][e] for i in have])
+                        scale = c[have].pow(2).sum(-1).clamp_min(1e-12)
+                        terms.append(((rows[have] - target).pow(2).sum(-1) / scale).mean())
+                    loss_distill = torch.stack(terms).mean()
+                    loss = loss + cfg.distill_weight * loss_distill
+                # 11. Backward; at the end of the accumulation: clip, skip non-finite, step.
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+                    grad_norm = float(accelerator.clip_grad_norm_(head.parameters(), max_norm))
+                    finite = math.isfinite(grad_norm)  # the same on every rank (reduced gradients)
+                    if finite:
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            window.append(
+                {
+                    "loss": loss.item(),
+                    "denoise": loss_denoise.item(),
+                    "reg": loss_reg.item(),
+                    "distill": loss_distill.item(),
+                }
+            )
+        if not finite:
+            stats["skipped_steps"] += 1
+            stats["nonfinite_in_row"] += 1
+            if stats["nonfinite_in_row"] >= cfg.max_nonfinite:
+                raise OnewordError(
+                    f"the loss or its gradient was non-finite for {stats['nonfinite_in_row']} steps in a "
+                    f"row (up to step {step + 1}); lower --lr, use --mixed-precision no, or check the data"
+                )
+        else:
+            stats["nonfinite_in_row"] = 0
+        step += 1
+        seconds = time.perf_counter() - tic
+        step_times.append(seconds)
+        stats["seconds"] += seconds
+        stats["images"] += images_per_step
+        bar.update(1)
+
+        # 12. Log, validate, checkpoint.
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            means = {k: sum(r[k] for r in window) / len(window) for k in window[0]}
+            record = {
+                "event": "train",
+                "step": step,
+                **means,
+                "lr": optimizer.param_groups[0]["lr"],
+                "grad_norm": grad_norm,
+                "seconds_per_step": seconds,
+                "images_per_s": images_per_step / seconds,
+                "unet_samples_per_s": world_size
+                * cfg.grad_accum
+                * cfg.batch
+                * cfg.targets
+                / seconds,
+                "skipped_steps": stats["skipped_steps"],
+                "data": batch["stats"],
+            }
+            if cache is not None:
+                record["cache"] = {"hits": cache.hits, "misses": cache.misses}
+            log.write(record)
+            bar.set_postfix(loss=f"{means['denoise']:.4f}", refresh=False)
+            if tensorboard is not None:
+                for name in ("loss", "denoise", "reg", "distill", "lr", "images_per_s"):
+                    tensorboard.add_scalar(f"train/{name}", record[name], step)
+            window = []
+        if validator is not None and (
+            step == cfg.steps or (cfg.val_every and step % cfg.val_every == 0)
+        ):
+            record = validator(plain_head, step)
+            log.write(record)
+            if tensorboard is not None:
+                for name in ("loss_encoder", "loss_classword", "loss_gain"):
+                    tensorboard.add_scalar(f"val/{name}", record[name], step)
+                for name, value in record.get("oracle", {}).items():
+                    tensorboard.add_scalar(f"val/oracle_{name}", value, step)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            state = checkpoint_state()  # every rank takes part in gathering the data states
+            if is_main:
+                save_checkpoint(
+                    checkpoints, step, plain_head, optimizer, state, cfg.keep_checkpoints
+                )
+            last_saved = step
+        accelerator.wait_for_everyone()
+    bar.close()
+
+    # 13. The final encoder (config in its metadata) and a summary.
+    if last_saved != step:
+        state = checkpoint_state()
+        if is_main:
+            save_checkpoint(checkpoints, step, plain_head, optimizer, state, cfg.keep_checkpoints)
+    summary = {
+        "event": "end",
+        "step": step,
+        "seconds_this_run": time.perf_counter() - run_started,
+        "seconds_per_step": sum(step_times) / len(step_times) if step_times else None,
+        "images_per_s": images_per_step * len(step_times) / sum(step_times) if step_times else None,
+        **loader_rate,
+        "skipped_steps": stats["skipped_steps"],
+        "weights_sha1": weights_digest(plain_head),
+    }
+    if is_main:
+        metadata = {"step": step, "base_model": cfg.model, "train_config": json.dumps(asdict(cfg))}
+        summary["encoder"] = str(
+            save_encoder(out / "encoder.safetensors", plain_head, metadata=metadata)
+        )
+    log.write(summary)
+    rank_log.write(
+        {"event": "end", "rank": rank, "step": step, "weights_sha1": summary["weights_sha1"]}
+    )
+    if tensorboard is not None:
+        tensorboard.close()
+    stack.close()
+    accelerator.end_training()
+    return summary
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+
+EXAMPLES = """\
+examples:
+  # first contact: a few steps on the CPU (a tiny world: oneword world train --preset tiny)
+  python train_encoder.py --preset tiny --model /tmp/w --out /tmp/enc
+
+  # the miniature world, 2-core CPU (validation on its held-out concepts, oracle scores)
+  python train_encoder.py --preset world-cpu --model checkpoints/world --out runs/encoder
+
+  # continue an interrupted run (the step count and the data stream continue)
+  python train_encoder.py --preset world-cpu --model checkpoints/world --out runs/encoder --resume
+
+  # world shards or img2dataset output, two GPUs, bf16, with distillation targets
+  accelerate launch --num_processes 2 train_encoder.py --model checkpoints/world \\
+      --data "shards:data/world/shard-{000000..000063}.tar" --workers 2 --distill runs/distill
+
+  # SD 1.5 with OpenAI's ViT-L/14 image tower, image folders (one folder per identity)
+  python train_encoder.py --model /models/sd15 --tower open_clip:ViT-L-14:openai \\
+      --data folders:data/identities --cache-features /tmp/enc-cache --val-suite suites/dreambooth
+
+  # CPU multi-process (gloo)
+  torchrun --nproc_per_node 2 train_encoder.py --preset tiny --model /tmp/w --out /tmp/enc2
+
+Settings: TrainConfig's defaults, then --preset, then --config FILE (JSON with the same
+names), then the flags given. Outputs: OUT/encoder.safetensors, OUT/checkpoints/step-*/,
+OUT/log.jsonl, OUT/val/step-*.png (and OUT/tensorboard/ with --tensorboard).
+"""
+
+HELP = {
+    "model": "frozen diffusion model: a diffusers folder or hub id (default: %(default)s)",
+    "out": "output folder (default: %(default)s)",
+    "data": "world | shards:FOLDER_GLOB_OR_BRACES | folders:DIR (default: %(default)s)",
+    "tower": "image tower: world | transformers:DIR | open_clip:NAME[:PRETRAINED] | open_clip:local-dir:/path",
+    "vectors": "K rows per text encoder",
+    "dim": "encoder head width",
+    "queries": "learned queries per image (attention pooling)",
+    "heads": "attention heads of the head",
+    "mlp_ratio": "feed-forward width in units of --dim",
+    "offset_scale": "alpha: the predicted row stays within alpha * ||class word row|| of it",
+    "batch": "identities per process and micro-step",
+    "references": "N images per identity the encoder sees",
+    "targets": "M other images per identity for the denoising loss",
+    "augment": "random crop, flip and colour jitter of every view",
+    "workers": "DataLoader worker processes",
+    "shuffle": "shard sample shuffle buffer",
+    "max_error_rate": "stop when a larger fraction of shard samples is unreadable",
+    "class_word": "class word for data that has none",
+    "templates": "prompt templates: object, style or a file (one per line with {})",
+    "reg_weight": "weight of mean ||v - c||^2 / ||c||^2",
+    "distill": "folder of <identity>/learned_embeds.safetensors (oneword invert --concepts)",
+    "distill_weight": "weight of the distillation term (with --distill)",
+    "steps": "optimizer steps in all (a resumed run continues to this count)",
+    "lr": "AdamW learning rate",
+    "weight_decay": "AdamW weight decay",
+    "warmup": "linear warmup steps",
+    "lr_schedule": "constant or cosine (to 10% at --steps)",
+    "grad_accum": "micro-steps per optimizer step",
+    "max_grad_norm": "gradient clipping (0: off)",
+    "mixed_precision": "auto, no, fp16 or bf16 (the head's autocast)",
+    "precision": "frozen model precision on a GPU: bf16, fp16 or fp32",
+    "seed": "seed of the data streams, noise and initial weights",
+    "max_nonfinite": "abort after this many non-finite steps in a row",
+    "log_every": "steps between log records",
+    "checkpoint_every": "steps between checkpoints",
+    "keep_checkpoints": "checkpoints kept",
+    "val_every": "steps between validations (0: only at the end)",
+    "val_suite": "concept suite for validation (default for a world: its held-out concepts)",
+    "val_concepts": "suite concepts validated",
+    "val_draws": "fixed denoising draws per concept",
+    "val_samples": "'a photo of <t>' samples per concept (oracle, grid)",
+    "val_sample_steps": "DDIM steps of those samples",
+    "tensorboard": "also log to OUT/tensorboard (needs tensorboard installed)",
+    "cache_features": "folder caching tower features and VAE latents of un-augmented images",
+    "log_keys": "write OUT/ranks/rank-R.jsonl with the image keys of every step",
+    "probe_batches": "batches read by the loader alone to measure its images/s",
+    "threads": "torch CPU threads (0: default)",
+    "device": "auto, cpu or cuda",
+    "quiet": "no progress bar",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train_encoder.py",
+        description="Pretrain the concept encoder (images -> a new word) through a frozen diffusion model.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), help="a set of defaults: " + ", ".join(sorted(PRESETS))
+    )
+    parser.add_argument(
+        "--config", type=Path, help="JSON file of TrainConfig fields (flags override it)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
+    )
+    defaults = TrainConfig()
+    for field in fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        default = getattr(defaults, field.name)
+        help_text = HELP[field.name].replace("%(default)s", str(default))
+        if "(default" not in help_text:
+            help_text += f" (default: {default})"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
+        if isinstance(default, bool):
+            parser.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+            continue
+        kind = {int: int, float: float}.get(type(default), str)
+        parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    cfg = TrainConfig()
+    if args.preset:
+        cfg = replace(cfg, **PRESETS[args.preset])
+    if args.config:
+        try:
+            data = json.loads(Path(args.config).read_text())
+        except (OSError, ValueError) as error:
+            raise OnewordError(f"--config {args.config}: {error}") from None
+        known = {f.name for f in fields(TrainConfig)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise OnewordError(f"--config {args.config}: unknown settings {unknown}")
+        cfg = replace(cfg, **data)
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    return replace(cfg, **given)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        train(config_from_args(args), resume=args.resume)
+    except OnewordError as error:
+        print(f"train_encoder.py: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("train_encoder.py: interrupted (continue with --resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
