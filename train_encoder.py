@@ -29,11 +29,24 @@ The ablation to run on the real world (each ~the same budget; compare the val li
     python train_encoder.py --model checkpoints/world --distill runs/distill \\
         --distill-weight 0.1 --steps 4000 --out runs/encoder-distill
 
-where runs/distill holds classic-inversion tokens for training identities:
+where runs/distill holds classic-inversion tokens for a subset of the training identities
+(every 7th: ~100 concepts, about an hour of CPU; identities without a target train on the
+other terms only):
 
     python -c "from oneword.datasets.suite import write_world_suite as w; \\
-        from oneword.datasets.world import training_identities as t; w('runs/train-suite', identities=t())"
+        from oneword.datasets.world import training_identities as t; w('runs/train-suite', identities=t()[::7])"
     oneword invert --model checkpoints/world --concepts runs/train-suite --steps 400 --out runs/distill
+
+Training the real world's encoder (after checkpoints/world is complete), on a 2-core CPU:
+
+    python train_encoder.py --preset world-cpu --model checkpoints/world --out runs/encoder
+
+`benchmarks/bench_encoder_data.py` measured 0.71 s per step for 8 identities x (4 + 4)
+views on the world's architecture at one CPU thread (90 training images/s; the world source
+alone renders ~5,000 images/s, so training is compute-bound): the preset's 3,000 steps take
+about 36 minutes plus validation (use --threads 2 once nothing else runs on the machine).
+Watch val's loss_gain and oracle identity in log.jsonl; continue with --resume --steps N
+while they still improve. Each ablation run above is ~47 minutes at that rate.
 
 Outputs in --out: encoder.safetensors (the final encoder; config in its metadata),
 checkpoints/step-XXXXXX/ (head + optimizer + step + data-stream state; pickle-free),
@@ -121,7 +134,7 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
     val_every: int = 1000  # 0: only at the end
-    val_suite: str | None = None  # default: the world's held-out concepts (world models)
+    val_suite: str | None = None  # default: the world's held-out concepts; "none": no validation
     val_concepts: int = 8
     val_draws: int = 16  # fixed (image, template, t, noise) draws per concept for the val loss
     val_samples: int = 4  # oracle samples per concept ("a photo of <t>")
@@ -182,7 +195,7 @@ PRESETS: dict[str, dict] = {
         probe_batches=1,
         shuffle=10,
     ),
-    # The miniature world on a 2-core CPU (see the README for the measured step time).
+    # The miniature world on a 2-core CPU: ~0.7 s per step at one thread (about 36 minutes).
     "world-cpu": dict(steps=3000, batch=8, references=4, targets=4, threads=1, val_every=500),
 }
 
@@ -484,7 +497,9 @@ class Validator:
 
 
 def default_val_suite(cfg: TrainConfig, model, stack: contextlib.ExitStack) -> Path | None:
-    """--val-suite, else (for a miniature world) its held-out concepts written to a temp folder."""
+    """--val-suite ("none": no validation), else for a world its held-out concepts (temp folder)."""
+    if cfg.val_suite == "none":
+        return None
     if cfg.val_suite:
         return Path(cfg.val_suite)
     folder = Path(model.extra.get("folder", ""))
@@ -503,7 +518,7 @@ def default_val_suite(cfg: TrainConfig, model, stack: contextlib.ExitStack) -> P
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     """Run (or resume) a pretraining run; returns the final summary record."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import ProjectConfiguration, gather_object
 
     from oneword.models import load_model
 
@@ -516,14 +531,14 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         raise OnewordError("--device cuda, but no CUDA device is available")
     mixed = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if cuda else "no")
 
-    # 1. Accelerate: one process per device; each rank reads its own data stream.
+    # 1. Accelerate: one process per device; each rank reads its own data stream. Checkpoints
+    # are our own (`save_checkpoint`: only the head, pickle-free), not `save_state`, whose
+    # `load_state` unpickles; the project configuration only names the output folders.
     accelerator = Accelerator(
         mixed_precision=mixed,
         gradient_accumulation_steps=cfg.grad_accum,
         project_config=ProjectConfiguration(
-            project_dir=str(out),
-            logging_dir=str(out / "tensorboard"),
-            total_limit=cfg.keep_checkpoints,
+            project_dir=str(out), logging_dir=str(out / "tensorboard")
         ),
         cpu=not cuda,
     )
@@ -681,11 +696,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     data_state = source.state_dict()
 
     def checkpoint_state() -> dict:
-        states = (
-            accelerator.gather_for_metrics([data_state], use_gather_object=True)
-            if world_size > 1
-            else [data_state]
-        )
+        states = gather_object([data_state]) if world_size > 1 else [data_state]  # per rank
         return {
             "step": step,
             "config": asdict(cfg),
@@ -950,7 +961,7 @@ HELP = {
     "checkpoint_every": "steps between checkpoints",
     "keep_checkpoints": "checkpoints kept",
     "val_every": "steps between validations (0: only at the end)",
-    "val_suite": "concept suite for validation (default for a world: its held-out concepts)",
+    "val_suite": "concept suite for validation, or none (default for a world: its held-out concepts)",
     "val_concepts": "suite concepts validated",
     "val_draws": "fixed denoising draws per concept",
     "val_samples": "'a photo of <t>' samples per concept (oracle, grid)",
