@@ -24,11 +24,7 @@ OUT=${OUT:-runs/eval-world}
 
 # 1. The suite (written once; an existing one is reused as it is).
 if [ ! -f "$SUITE/suite.json" ]; then
-    "$PYTHON" -c "
-import sys
-from oneword.datasets.suite import write_world_suite
-write_world_suite(sys.argv[1], images_per_concept=5, seed=0, resolution=64)
-" "$SUITE"
+    "$PYTHON" -m oneword.cli world suite --out "$SUITE" --images 5 --seed 0
 fi
 
 # 2. The evaluation.

@@ -123,3 +123,28 @@ def test_fidelity_report_has_every_attribute(tiny_world_dir, tmp_path):
     }
     assert 0.0 <= report["all"] <= min(report["per_attribute"].values())
     assert (tmp_path / "g.png").exists()
+
+
+def test_world_suite_and_shards_commands(tmp_path):
+    from oneword.cli import main
+    from oneword.datasets.suite import read_suite
+
+    assert main(["world", "suite", "--out", str(tmp_path / "suite"), "--images", "3"]) == 0
+    concepts = read_suite(tmp_path / "suite")
+    assert len(concepts) >= 20 and all(len(c.images) == 3 for c in concepts)
+    assert (
+        main(
+            [
+                "world",
+                "shards",
+                "--out",
+                str(tmp_path / "shards"),
+                "--count",
+                "12",
+                "--per-shard",
+                "5",
+            ]
+        )
+        == 0
+    )
+    assert len(list((tmp_path / "shards").glob("*.tar"))) == 3

@@ -848,7 +848,9 @@ def add_world_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  oneword world train --preset cpu --out checkpoints/world\n"
         "  oneword world train --preset tiny --out /tmp/w --work /tmp/w-work\n"
-        "  oneword world fidelity --model checkpoints/world --captions 240",
+        "  oneword world fidelity --model checkpoints/world --captions 240\n"
+        "  oneword world suite --out runs/world-suite\n"
+        "  oneword world shards --out runs/world-shards --count 20000",
     )
     sub = parser.add_subparsers(dest="world_command", required=True)
     train = sub.add_parser("train", help="train every stage (resumes unfinished ones)")
@@ -871,9 +873,42 @@ def add_world_parser(subparsers) -> None:
         help="wall-time cap per stage, e.g. clip=60 unet=300",
     )
     train.set_defaults(func=run_world_train)
+    suite = sub.add_parser(
+        "suite", help="write the held-out concepts as a concept suite (for oneword eval)"
+    )
+    suite.add_argument("--out", required=True, help="new folder for the suite")
+    suite.add_argument("--images", type=int, default=5, help="images per concept")
+    suite.add_argument("--seed", type=int, default=0)
+    suite.set_defaults(func=run_world_suite)
+    shards = sub.add_parser(
+        "shards", help="write world renders as WebDataset shards (png + txt + json)"
+    )
+    shards.add_argument("--out", required=True, help="new folder for the shards")
+    shards.add_argument("--count", type=int, default=10000, help="number of samples")
+    shards.add_argument("--per-shard", type=int, default=1000)
+    shards.add_argument("--seed", type=int, default=0)
+    shards.add_argument("--name-all", action="store_true", help="captions name unnamed values too")
+    shards.set_defaults(func=run_world_shards)
     from .fidelity import add_fidelity_parser
 
     add_fidelity_parser(sub)
+
+
+def run_world_suite(args) -> int:
+    from ..datasets.suite import write_world_suite
+
+    print(write_world_suite(args.out, images_per_concept=args.images, seed=args.seed))
+    return 0
+
+
+def run_world_shards(args) -> int:
+    from ..datasets.shards import write_world_shards
+
+    paths = write_world_shards(
+        args.out, args.count, seed=args.seed, maxcount=args.per_shard, name_all=args.name_all
+    )
+    print(f"wrote {len(paths)} shards to {args.out}")
+    return 0
 
 
 def config_from_args(args) -> WorldTrainConfig:
