@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Each module registers its own subcommand; imports stay light until a command runs.
     from .demo import add_demo_parser
     from .embeddings import add_export_parser
+    from .encode import add_encode_parser
     from .evaluation.harness import add_eval_parser
     from .generate import add_generate_parser
     from .inversion.cli import add_invert_parser
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_demo_parser(subparsers)
     add_invert_parser(subparsers)
+    add_encode_parser(subparsers)
     add_export_parser(subparsers)
     add_generate_parser(subparsers)
     add_eval_parser(subparsers)

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ..encoder.methods import register_encoder_methods
 from ..errors import OnewordError
 from .metrics import (
     load_clip_scorer,
@@ -70,6 +71,8 @@ class EvalConfig:
     # Concepts shown in each method's grid, and edit prompts per concept there.
     grid_concepts: int = 4
     grid_edits: int = 2
+    # The encoder file of the "encoder" methods; None = checkpoints/world-encoder.safetensors.
+    encoder: str | None = None
     device: str | None = None
     quiet: bool = False
 
@@ -114,6 +117,7 @@ class MethodRun:
     images: list[Image.Image]
     seed: int
     quiet: bool = True
+    encoder: str | None = None  # EvalConfig.encoder, for the encoder methods
 
 
 @dataclass
@@ -216,6 +220,10 @@ def register_method(
     METHODS[name] = fn
     if check_arg is not None:
         ARG_CHECKS[name] = check_arg
+
+
+# "encoder" and "encoder+refine:K" (oneword/encoder/methods.py), known before any parser lists them.
+register_encoder_methods()
 
 
 def parse_methods(specs: str | Sequence[str]) -> list[tuple[str, MethodFn, str | None]]:
@@ -485,7 +493,11 @@ def evaluate(
         rows, grid_images, grid_labels = [], [], []
         for concept_index, (concept, reference) in enumerate(zip(concepts, references)):
             run = MethodRun(
-                arg, f"<m{method_index}c{concept_index:04d}>", reference.images, config.seed
+                arg,
+                f"<m{method_index}c{concept_index:04d}>",
+                reference.images,
+                config.seed,
+                encoder=config.encoder,
             )
             # 4a. Learn, timed, with the peak memory of learning alone.
             reset_peak_memory(device)
@@ -576,6 +588,7 @@ def run_eval(args: argparse.Namespace) -> int:
         dino=args.dino,
         concepts=args.concepts,
         grid_concepts=args.grid_concepts,
+        encoder=args.encoder,
         device=args.device,
         quiet=args.quiet,
     )
@@ -623,6 +636,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     add("--dino", default=None, metavar="DIR", help="transformers ViT/Dinov2 folder for DINO")
     add("--concepts", type=int, default=None, metavar="N", help="only the first N concepts")
     add("--grid-concepts", type=int, default=defaults.grid_concepts, help="concepts per grid")
+    add("--encoder", default=None, metavar="FILE", help="encoder file of the encoder methods")
     add("--device", default=None, help="cpu, cuda, ... (default: CUDA if available)")
     add("--quiet", action="store_true", help="no progress bar")
     add("--out", required=True, type=Path, help="output folder")

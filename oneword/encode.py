@@ -1,0 +1,742 @@
+"""`oneword encode`: a concept token from a trained encoder in about a second, refined in a
+few steps, with an automatic fallback to full inversion.
+
+1. Predict: the concept encoder (`oneword.encoder`) reads the images through its frozen
+   image tower and predicts the word's rows in one forward pass (`encode_concept`).
+2. Refine: classic textual inversion (Gal et al., 2023) for `refine_steps` steps,
+   warm-started from the prediction. It *is* `oneword.inversion.invert` (cached latents, one
+   text-encoder and one UNet call per step); the warm start also moves the anchor of the
+   L2 pull (`l2_weight`) to the predicted rows, so the refinement stays near the encoder's
+   answer (`add_placeholder(init_rows=...)` stores them as `Placeholder.init_rows`, which
+   `invert` uses as the anchor).
+3. Check, and fall back: score the token on the concept's own images (see `check`); when
+   the score is above `threshold`, continue with full inversion (`fallback_steps`) from the
+   refined rows and score again.
+
+The quality check (`check="loss"`, the default) is the relative denoising loss: D fixed
+draws (image, template, timestep, noise; seeded, the same for every candidate) and
+
+    score = mean_D L(token prompts) / mean_D L(class-word prompts)
+
+with L the denoising loss of Eq. 2 of Gal et al. and the class word in the same templates
+("a photo of a <t>" vs "a photo of a cup"). Lower is better; 1.0, the default threshold,
+means "the token explains the images at least as well as the class word". An untrained
+encoder predicts exactly the class word's rows, so its score is 1.0. The threshold will be
+re-measured on the miniature world once its encoder is trained. `check="clip"` compares
+CLIP image similarity instead (samples of "a photo of a S*" vs the concept images, against
+the class word's samples); `check="none"` skips the check (and the fallback).
+
+Paths: "encoder" (prediction only: refine_steps=0, check passed or fallback off),
+"refined" (prediction + refinement kept) and "fallback" (full inversion ran).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import OnewordError
+
+log = logging.getLogger("oneword.encode")
+
+# Where `oneword encode` and `oneword eval`'s encoder methods look when no --encoder is given.
+DEFAULT_ENCODER = "checkpoints/world-encoder.safetensors"
+CHECKS = ("loss", "clip", "none")
+MAX_REFINE_STEPS = 200  # a refinement is short; longer runs are the fallback's (or invert's) job
+
+
+@dataclass
+class EncodeConfig:
+    """Everything that decides an `encode` run; stored in log.json and the embedding file."""
+
+    # Classic steps from the prediction (0 = prediction only). 50 steps at the classic lr
+    # move a row by about lr * steps = 0.25 at most: a local correction, not a new search.
+    refine_steps: int = 50
+    refine_lr: float = 5e-3  # Adam lr of the refinement (classic inversion's default)
+    # Pull toward the prediction: weight * mean_k ||v_k - v_k^pred||^2. The denoising loss is
+    # ~0.1; 1e-2 makes a drift of one row norm cost ~10% of it, which keeps the refinement
+    # near the encoder's answer without freezing it. To be re-measured on the world.
+    l2_weight: float = 1e-2
+    # Continue with full inversion when the check fails (score > threshold).
+    fallback: bool = True
+    fallback_steps: int | None = None  # None: InversionConfig's default (classic inversion)
+    # "loss" (relative denoising loss), "clip" (relative CLIP image distance) or "none".
+    check: str = "loss"
+    # Fall back above this score; 1.0 = "no better than the class word". To be re-measured.
+    threshold: float = 1.0
+    check_draws: int = 16  # fixed (image, template, timestep, noise) draws of the loss check
+    clip: str | None = None  # CLIP of check "clip" (see evaluation.metrics); None: the model's
+    templates: str = "object"  # prompt templates of refinement, fallback and check
+    seed: int = 0  # seeds refinement, fallback, the check's draws and the samples
+    # Frozen parts' precision on a GPU ("bf16", "fp16", "fp32"); used when the CLI loads.
+    precision: str | None = None
+    # samples.png after learning: DDIM steps and images per prompt; samples=False skips it.
+    samples: bool = True
+    sample_steps: int = 30
+    sample_seeds: int = 4
+    quiet: bool = False
+
+    def check_values(self) -> None:
+        """Raise `OnewordError` for values that cannot work."""
+        if not isinstance(self.refine_steps, int) or not 0 <= self.refine_steps <= MAX_REFINE_STEPS:
+            raise OnewordError(
+                f"--refine-steps must be an integer in 0..{MAX_REFINE_STEPS}, got "
+                f"{self.refine_steps!r}; for a longer run use --fallback-steps or "
+                "oneword invert --warm-start"
+            )
+        if self.fallback_steps is not None and (
+            not isinstance(self.fallback_steps, int) or self.fallback_steps < 1
+        ):
+            raise OnewordError(
+                f"--fallback-steps must be a positive integer, got {self.fallback_steps!r}"
+            )
+        for name in ("check_draws", "sample_steps", "sample_seeds"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise OnewordError(
+                    f"--{name.replace('_', '-')} must be a positive integer, got {value!r}"
+                )
+        if not (self.refine_lr > 0 and math.isfinite(self.refine_lr)):
+            raise OnewordError(f"--refine-lr must be a positive number, got {self.refine_lr!r}")
+        if not (self.l2_weight >= 0 and math.isfinite(self.l2_weight)):
+            raise OnewordError(f"--l2-weight must be >= 0, got {self.l2_weight!r}")
+        if self.check not in CHECKS:
+            raise OnewordError(f"--check must be one of {', '.join(CHECKS)}, got {self.check!r}")
+        if math.isnan(self.threshold) or self.threshold < 0:
+            raise OnewordError(f"--threshold must be a number >= 0, got {self.threshold!r}")
+        if self.precision not in (None, "bf16", "fp16", "fp32"):
+            raise OnewordError(f"--precision must be bf16, fp16 or fp32, got {self.precision!r}")
+
+
+@dataclass
+class EncodeResult:
+    """What `encode` returns.
+
+    Attributes:
+        token: the learned word.
+        placeholder: its `Placeholder` in the model (which keeps the final rows).
+        vectors: per text encoder, the final (K, d) fp32 rows (CPU copies).
+        path_taken: "encoder", "refined" or "fallback" (see the module docstring).
+        score: the final check score (lower is better), None with check "none".
+        threshold: the threshold it was compared with.
+        timings: seconds per stage ("load_tower", "encoder", "refine", "check",
+            "fallback", "samples", "total").
+        log: the contents of log.json.
+        files: name -> Path of each file written ("embedding", "samples", "log").
+    """
+
+    token: str
+    placeholder: object
+    vectors: list[torch.Tensor]
+    path_taken: str
+    score: float | None
+    threshold: float
+    timings: dict[str, float]
+    log: dict
+    files: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line for the console: the path taken, the score and the threshold."""
+        stages = [f"encoder {self.timings['encoder']:.2f} s"]
+        refine = self.log.get("refine")
+        if refine:
+            stages.append(f"refined {refine['steps_done']} steps {self.timings['refine']:.1f} s")
+        fallback = self.log.get("fallback")
+        if fallback:
+            stages.append(
+                f"full inversion {fallback['steps_done']} steps {self.timings['fallback']:.1f} s"
+            )
+        check = self.log["check"]
+        if self.score is None:
+            verdict = "no check"
+        else:
+            first = self.log["scores"][self.log["checked"]]
+            passed = "<=" if first <= self.threshold else ">"
+            verdict = f"check {check}: score {first:.3f} {passed} threshold {self.threshold:g}"
+            if fallback:
+                verdict += f", after full inversion {self.score:.3f}"
+        return f"{self.token}: {', '.join(stages)}; {verdict}; path: {self.path_taken}"
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def default_class_word(encoder) -> str:
+    """The class word the encoder was trained with for unlabelled data, else "object"."""
+    metadata = getattr(encoder, "metadata", None) or {}
+    try:
+        return json.loads(metadata.get("train_config", "{}")).get("class_word") or "object"
+    except (ValueError, AttributeError):
+        return "object"
+
+
+def _as_images(images, resolution: int) -> list:
+    """PIL images fitted to the model's resolution, or paths loaded with `load_images`."""
+    from PIL import Image
+
+    from .images import fit_image, load_images
+
+    if isinstance(images, Image.Image):
+        images = [images]
+    if (
+        isinstance(images, (list, tuple))
+        and images
+        and all(isinstance(image, Image.Image) for image in images)
+    ):
+        return [fit_image(image.convert("RGB"), resolution) for image in images]
+    return load_images(images, resolution)
+
+
+def _resolve_config(config: EncodeConfig | None, settings: dict) -> EncodeConfig:
+    config = config or EncodeConfig()
+    known = {f.name for f in dataclasses.fields(EncodeConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise OnewordError(f"unknown encode settings {unknown}; known: {sorted(known)}")
+    config = dataclasses.replace(config, **{k: v for k, v in settings.items() if v is not None})
+    config.check_values()
+    return config
+
+
+def _inversion_config(config: EncodeConfig, vectors: int, **overrides):
+    from .inversion import InversionConfig
+
+    settings = dict(
+        vectors=vectors,
+        templates=config.templates,
+        seed=config.seed,
+        precision=config.precision,
+        samples=False,
+        quiet=config.quiet,
+    )
+    return InversionConfig(**(settings | overrides))
+
+
+def _run_facts(result) -> dict:
+    """The parts of an `invert` log worth keeping in ours."""
+    keys = ("steps_done", "seconds_total", "seconds_per_step", "unet_forward_passes")
+    keys += ("unet_samples", "loss", "final_loss_ema", "nonfinite_steps", "config")
+    return {key: result.log.get(key) for key in keys}
+
+
+# ---------------------------------------------------------------------------------------
+# The quality check
+
+
+class LossCheck:
+    """score = mean denoising loss with the token / with the class word, on fixed draws.
+
+    The draws (image, template, posterior sample, timestep, noise) come from one seeded
+    CPU generator and are the same for every candidate, so scores are comparable across
+    the stages of one run and the class word's loss is computed once.
+    """
+
+    def __init__(self, model, images, class_word: str, config: EncodeConfig, batch: int = 8):
+        from .images import images_to_tensor
+        from .inversion.templates import fill, load_templates
+
+        self.model, self.batch, self.unet_passes = model, batch, 0
+        draws = config.check_draws
+        generator = torch.Generator().manual_seed(config.seed)
+        templates = load_templates(config.templates)
+        with torch.no_grad():
+            pixels = images_to_tensor(images).to(model.device, model.dtype)  # (n, 3, H, W)
+            posterior = model.vae.encode(pixels).latent_dist
+            mean, std = posterior.mean.float(), posterior.std.float()  # (n, 4, h, w)
+        chosen = torch.randint(mean.shape[0], (draws,), generator=generator).to(model.device)
+        self.templates = [
+            templates[i] for i in torch.randint(len(templates), (draws,), generator=generator)
+        ]
+        sample = torch.randn((draws, *mean.shape[1:]), generator=generator).to(model.device)
+        self.latents = (mean[chosen] + std[chosen] * sample) * model.scaling_factor  # (D, 4, h, w)
+        num_timesteps = model.noise_scheduler.config.num_train_timesteps
+        self.timesteps = torch.randint(num_timesteps, (draws,), generator=generator)
+        self.timesteps = self.timesteps.to(model.device)
+        self.noise = torch.randn(self.latents.shape, generator=generator).to(model.device)
+        self.class_loss = self._mean_loss([fill(t, class_word) for t in self.templates])
+
+    @torch.no_grad()
+    def _mean_loss(self, prompts: list[str]) -> float:
+        from .inversion.objective import denoising_loss, encode_prompts
+
+        losses = []
+        for start in range(0, len(prompts), self.batch):
+            part = slice(start, start + self.batch)
+            embeds = encode_prompts(self.model, prompts[part])
+            output = denoising_loss(
+                self.model, self.latents[part], embeds, self.noise[part], self.timesteps[part]
+            )
+            losses.append(output.loss)
+            self.unet_passes += 1
+        return torch.cat(losses).mean().item()
+
+    def score(self, placeholder) -> float:
+        """The placeholder's current rows, scored (lower is better; 1.0 = the class word)."""
+        from .inversion.templates import fill
+        from .tokens import expand_prompt
+
+        prompts = [expand_prompt(fill(t, placeholder.token), [placeholder]) for t in self.templates]
+        return self._mean_loss(prompts) / max(self.class_loss, 1e-12)
+
+
+class ClipCheck:
+    """score = (1 - CLIP-I of the token's samples) / (1 - CLIP-I of the class word's samples).
+
+    CLIP-I is the mean cosine between samples of "a photo of a {}" (`sample_seeds` seeds,
+    `sample_steps` DDIM steps, the same seeds for both words) and the concept's images.
+    Lower is better; 1.0 = as close to the images as the class word's samples.
+    """
+
+    def __init__(self, model, images, class_word: str, config: EncodeConfig):
+        from .evaluation.metrics import load_clip_scorer
+
+        folder = model.extra.get("folder") if isinstance(model.extra, dict) else None
+        self.scorer = load_clip_scorer(config.clip, folder, model.device)
+        if self.scorer is None:
+            raise OnewordError(
+                f"--check clip needs a CLIP: {model.source} has no image_encoder/ CLIP; pass "
+                "--clip open_clip:ViT-L-14:openai (or transformers:FOLDER), or use --check loss"
+            )
+        self.model, self.config, self.unet_passes = model, config, 0
+        self.references = self.scorer.image_features(images)  # (n, p)
+        self.class_distance = self._distance(class_word, [])
+
+    def _distance(self, word: str, placeholders) -> float:
+        from .evaluation.metrics import pairwise_similarity
+        from .sampling import generate
+
+        samples = generate(
+            self.model,
+            [f"a photo of a {word}"],
+            placeholders=placeholders,
+            num_per_prompt=self.config.sample_seeds,
+            steps=self.config.sample_steps,
+            seed=self.config.seed,
+        )
+        self.unet_passes += self.config.sample_steps  # one batched (CFG) UNet call per step
+        return 1 - pairwise_similarity(self.scorer.image_features(samples), self.references)
+
+    def score(self, placeholder) -> float:
+        """The placeholder's current rows, scored (lower is better; 1.0 = the class word)."""
+        return self._distance(placeholder.token, [placeholder]) / max(self.class_distance, 1e-6)
+
+
+def _save_samples(path: Path, model, placeholder, images, config: EncodeConfig) -> Path:
+    """Grid: the concept's images, then a reconstruction prompt and edits (as `invert` writes)."""
+    from PIL import Image
+
+    from .images import save_grid
+    from .inversion.templates import OBJECT_SAMPLE_PROMPTS, STYLE_SAMPLE_PROMPTS, fill
+    from .sampling import generate
+
+    columns = config.sample_seeds
+    first_row = list(images[:columns])
+    first_row += [Image.new("RGB", first_row[0].size, (255, 255, 255))] * (columns - len(first_row))
+    prompts = STYLE_SAMPLE_PROMPTS if config.templates == "style" else OBJECT_SAMPLE_PROMPTS
+    prompts = [fill(p, placeholder.token) for p in prompts]
+    samples = generate(
+        model,
+        prompts,
+        placeholders=[placeholder],
+        num_per_prompt=columns,
+        steps=config.sample_steps,
+        seed=config.seed,
+    )
+    return save_grid(
+        first_row + samples, path, columns=columns, labels=["training images", *prompts]
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# The API
+
+
+def encode(
+    model,
+    encoder,
+    images,
+    token: str,
+    *,
+    class_word: str | None = None,
+    config: EncodeConfig | None = None,
+    out_dir: str | os.PathLike | None = None,
+    tower=None,
+    **settings,
+) -> EncodeResult:
+    """Learn a token for a concept: predict, refine, check, and fall back when needed.
+
+    Args:
+        model: a `LoadedModel` (the token is added to it and keeps the final rows).
+        encoder: a `ConceptEncoder` or its file (`load_encoder`); it must be trained for
+            this model's family and text-encoder widths.
+        images: PIL images or paths (files, folders, globs), fitted to `model.resolution`.
+        token: the new word, e.g. "<my-cup>".
+        class_word: the concept's class ("cup"); default: the encoder's training class
+            word for unlabelled data, else "object".
+        config: `EncodeConfig`; defaults if None.
+        out_dir: where learned_embeds.safetensors, samples.png and log.json go; None
+            writes nothing.
+        tower: the encoder's loaded `ImageTower` (loaded from its config when None).
+        **settings: `EncodeConfig` fields overriding `config` (refine_steps=0,
+            fallback=False, threshold=..., ...); None keeps the config's value.
+
+    Returns:
+        `EncodeResult`; `vectors` per text encoder (K, d) fp32.
+    """
+    from .embeddings import TokenEmbedding, save_model_token
+    from .encoder.features import load_tower
+    from .encoder.model import ConceptEncoder, check_compatible, encode_concept, load_encoder
+    from .inversion import invert
+    from .io import atomic_write_text
+    from .tokens import add_placeholder, get_rows, set_rows
+
+    # 1. Settings, the encoder (refused early for another family or width), the images.
+    config = _resolve_config(config, settings)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    if not isinstance(encoder, ConceptEncoder):
+        encoder = load_encoder(encoder, device=model.device)
+    check_compatible(encoder.config, model)
+    class_word = class_word or default_class_word(encoder)
+    images = _as_images(images, model.resolution)
+    vectors = encoder.config.num_vectors
+    if tower is None:
+        tic = time.perf_counter()
+        folder = model.extra.get("folder") if isinstance(model.extra, dict) else None
+        tower = load_tower(encoder.config.tower, model_folder=folder, device=model.device)
+        timings["load_tower"] = time.perf_counter() - tic
+
+    # 2. Stage 1: the encoder's prediction, one forward pass.
+    _sync(model.device)
+    tic = time.perf_counter()
+    prediction = encode_concept(encoder, model, images, token, class_word, tower=tower)
+    _sync(model.device)
+    timings["encoder"] = time.perf_counter() - tic
+
+    # 3. Stage 2: refine with classic inversion, warm-started from (and pulled toward) it.
+    refine = None
+    if config.refine_steps > 0:
+        tic = time.perf_counter()
+        refine_config = _inversion_config(
+            config,
+            vectors,
+            steps=config.refine_steps,
+            lr=config.refine_lr,
+            l2_weight=config.l2_weight,
+        )
+        refined = invert(
+            model,
+            images,
+            token,
+            class_word,
+            refine_config,
+            class_word=class_word,
+            warm_start=prediction,
+        )
+        placeholder, path_taken, refine = refined.placeholder, "refined", _run_facts(refined)
+        timings["refine"] = time.perf_counter() - tic
+    else:
+        placeholder = add_placeholder(
+            model, token, class_word, vectors, init_rows=prediction.vectors
+        )
+        path_taken = "encoder"
+
+    # 4. Stage 3: check; below the bar, full inversion from the refined rows, then re-check.
+    scores: dict[str, float] = {}
+    score, checker, fallback = None, None, None
+    if config.check != "none":
+        tic = time.perf_counter()
+        checker = (LossCheck if config.check == "loss" else ClipCheck)(
+            model, images, class_word, config
+        )
+        score = scores[path_taken] = checker.score(placeholder)
+        timings["check"] = time.perf_counter() - tic
+        passed = score <= config.threshold  # False for a NaN score
+        if passed:
+            log.info("%s: score %.4f <= threshold %g", token, score, config.threshold)
+        elif not config.fallback:
+            log.warning(
+                "%s: score %.4f > threshold %g, but the fallback is off: keeping the %s token",
+                token,
+                score,
+                config.threshold,
+                path_taken,
+            )
+        else:
+            log.info(
+                "%s: score %.4f > threshold %g: full inversion", token, score, config.threshold
+            )
+            tic = time.perf_counter()
+            overrides = {} if config.fallback_steps is None else {"steps": config.fallback_steps}
+            # The model keeps `token` for the final rows; the full run learns a scratch copy
+            # (a placeholder cannot be added twice), whose rows are then written into it.
+            start = TokenEmbedding(token, get_rows(model, placeholder))
+            full = invert(
+                model,
+                images,
+                f"{token}_fallback",
+                class_word,
+                _inversion_config(config, vectors, **overrides),
+                class_word=class_word,
+                warm_start=start,
+            )
+            set_rows(model, placeholder, full.vectors)
+            path_taken, fallback = "fallback", _run_facts(full)
+            timings["fallback"] = time.perf_counter() - tic
+            tic = time.perf_counter()
+            score = scores["fallback"] = checker.score(placeholder)
+            timings["check"] += time.perf_counter() - tic
+            if not score <= config.threshold:
+                log.warning(
+                    "%s: after full inversion the score is still %.4f > threshold %g",
+                    token,
+                    score,
+                    config.threshold,
+                )
+
+    # 5. Outputs: the same files as `oneword invert`.
+    runs = [r for r in (refine, fallback) if r]
+    steps_done = sum(r["steps_done"] for r in runs)
+    check_passes = checker.unet_passes if checker is not None else 0
+    data = {
+        "method": "encode",
+        "path_taken": path_taken,
+        "score": score,
+        "threshold": config.threshold,
+        "check": config.check,
+        "checked": next(iter(scores), None),  # the stage the decision was made on
+        "scores": scores,
+        "token": token,
+        "names": placeholder.names,
+        "class_word": class_word,
+        "num_images": len(images),
+        "config": asdict(config),
+        "encoder": {
+            "source": getattr(encoder, "source", None),
+            "config": asdict(encoder.config),
+            "step": (getattr(encoder, "metadata", None) or {}).get("step"),
+        },
+        "model": model.describe(),
+        "device": str(model.device),
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "torch_version": torch.__version__,
+        "steps_done": steps_done,
+        "unet_forward_passes": sum(r["unet_forward_passes"] for r in runs) + check_passes,
+        "unet_samples": sum(r["unet_samples"] for r in runs),
+        "check_unet_passes": check_passes,
+        "refine": refine,
+        "fallback": fallback,
+        "timings": timings,
+        "vector_norms": [rows.norm(dim=-1).tolist() for rows in get_rows(model, placeholder)],
+    }
+    files = {}
+    if out_dir is not None:
+        out = Path(out_dir)
+        tic = time.perf_counter()
+        files["embedding"] = save_model_token(
+            out / "learned_embeds.safetensors",
+            model,
+            placeholder,
+            method="encode",
+            steps=steps_done,
+            extra_metadata={
+                "path_taken": path_taken,
+                "score": score,
+                "threshold": config.threshold,
+                "class_word": class_word,
+                "encoder": getattr(encoder, "source", None),
+                "config": json.dumps(asdict(config)),
+            },
+        )
+        if config.samples:
+            files["samples"] = _save_samples(
+                out / "samples.png", model, placeholder, images, config
+            )
+        timings["samples"] = time.perf_counter() - tic
+        files["log"] = out / "log.json"
+    timings["total"] = time.perf_counter() - started
+    if out_dir is not None:
+        data["files"] = {name: str(path) for name, path in files.items()}
+        atomic_write_text(files["log"], json.dumps(data, indent=2) + "\n")
+    vectors_out = [rows.cpu() for rows in get_rows(model, placeholder)]
+    return EncodeResult(
+        token, placeholder, vectors_out, path_taken, score, config.threshold, timings, data, files
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# CLI
+
+
+EXAMPLES = """\
+examples:
+  oneword encode --images photos/cup/ --token "<my-cup>" --class-word cup --out runs/cup
+  oneword encode --images photos/cup/ --token "<my-cup>" --refine-steps 0 --no-fallback --out runs/cup0
+  oneword encode --model /models/sd15 --encoder runs/encoder-sd15/encoder.safetensors \\
+      --images "cat/*.jpg" --token "<cat>" --class-word cat --threshold 0.95 --out runs/cat
+
+Paths: "encoder" (the prediction alone), "refined" (prediction + --refine-steps of classic
+inversion) or "fallback" (the check failed: full inversion from the refined rows).
+The check scores the token by its denoising loss on the concept's images relative to the
+class word's (16 fixed draws; lower is better): above --threshold (default 1.0, "no better
+than the class word"; to be re-measured on the world) the fallback runs.
+"""
+
+
+def run_encode(args: argparse.Namespace) -> int:
+    """`oneword encode ...`."""
+    from .encoder.model import load_encoder
+    from .models import load_model
+
+    settings = {
+        "refine_steps": args.refine_steps,
+        "refine_lr": args.refine_lr,
+        "l2_weight": args.l2_weight,
+        "fallback": args.fallback,
+        "fallback_steps": args.fallback_steps,
+        "check": args.check,
+        "threshold": args.threshold,
+        "check_draws": args.check_draws,
+        "clip": args.clip,
+        "templates": args.templates,
+        "seed": args.seed,
+        "precision": args.precision,
+        "samples": args.samples,
+        "sample_steps": args.sample_steps,
+        "quiet": args.quiet,
+    }
+    config = _resolve_config(None, settings)  # bad values fail before anything loads
+    encoder_path = Path(args.encoder)
+    if not encoder_path.is_file():
+        hint = " (the default)" if args.encoder == DEFAULT_ENCODER else ""
+        raise OnewordError(
+            f"no encoder at {encoder_path}{hint}; pass --encoder FILE (train one with "
+            "train_encoder.py --model MODEL --out DIR), or learn the token with oneword invert"
+        )
+    encoder = load_encoder(encoder_path)
+    model = load_model(args.model, device=args.device, precision=config.precision)
+    result = encode(
+        model,
+        encoder.to(model.device),
+        args.images,
+        args.token,
+        class_word=args.class_word,
+        config=config,
+        out_dir=args.out,
+    )
+    print(result.summary())
+    print(f"wrote {', '.join(p.name for p in result.files.values())} in {args.out}")
+    return 0
+
+
+def add_encode_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `oneword encode` on an argparse subparsers object."""
+    from .models import DEFAULT_MODEL
+
+    defaults = EncodeConfig()
+    parser = subparsers.add_parser(
+        "encode",
+        help="a concept's token from a trained encoder in about a second, refined, with fallback",
+        description=__doc__,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = parser.add_argument
+    add(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"diffusers folder or hub id (default: {DEFAULT_MODEL})",
+    )
+    add(
+        "--encoder",
+        default=DEFAULT_ENCODER,
+        help=f"encoder file from train_encoder.py (default: {DEFAULT_ENCODER})",
+    )
+    add("--images", nargs="+", required=True, metavar="PATH", help="image files, folders or globs")
+    add("--token", required=True, help='the new word, e.g. "<my-cup>"')
+    add(
+        "--class-word",
+        help="the concept's class, e.g. cup (default: the encoder's training class word, "
+        "else object)",
+    )
+    add(
+        "--refine-steps",
+        type=int,
+        help=f"classic steps from the prediction, 0..{MAX_REFINE_STEPS} "
+        f"(default {defaults.refine_steps}; 0 = prediction only)",
+    )
+    add("--refine-lr", type=float, help=f"Adam lr of the refinement (default {defaults.refine_lr})")
+    add(
+        "--l2-weight",
+        type=float,
+        help=f"pull toward the encoder's prediction during refinement (default {defaults.l2_weight})",
+    )
+    add(
+        "--no-fallback",
+        dest="fallback",
+        action="store_const",
+        const=False,
+        help="never run full inversion, even when the check fails",
+    )
+    add(
+        "--fallback-steps",
+        type=int,
+        help="steps of the full inversion after a failed check (default: oneword invert's)",
+    )
+    add(
+        "--check",
+        choices=CHECKS,
+        help="quality check: loss (relative denoising loss, default), clip (relative CLIP "
+        "image distance of samples) or none (no check, no fallback)",
+    )
+    add(
+        "--threshold",
+        type=float,
+        help=f"fall back when the score is above this (default {defaults.threshold}: no "
+        "better than the class word)",
+    )
+    add("--check-draws", type=int, help=f"draws of the loss check (default {defaults.check_draws})")
+    add("--clip", help="CLIP for --check clip (default: the model's image_encoder/)")
+    add("--templates", help="object, style, or a file with one template per line")
+    add("--seed", type=int, help=f"seed (default {defaults.seed})")
+    add("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    add(
+        "--precision", choices=["bf16", "fp16", "fp32"], help="frozen parts on a GPU (default bf16)"
+    )
+    add("--no-samples", dest="samples", action="store_const", const=False, help="skip samples.png")
+    add(
+        "--sample-steps",
+        type=int,
+        help=f"DDIM steps for samples.png (default {defaults.sample_steps})",
+    )
+    add("--quiet", action="store_const", const=True, help="no progress bars")
+    add("--out", required=True, type=Path, help="output folder")
+    parser.set_defaults(func=run_encode)
+    return parser
+
+
+__all__ = [
+    "DEFAULT_ENCODER",
+    "ClipCheck",
+    "EncodeConfig",
+    "EncodeResult",
+    "LossCheck",
+    "add_encode_parser",
+    "default_class_word",
+    "encode",
+]

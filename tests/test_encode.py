@@ -1,0 +1,333 @@
+"""`oneword encode` and the encoder's eval methods on the tiny world (CPU): the three paths,
+the quality check, the files (loaded by diffusers), refusals, the CLI and `oneword eval`.
+
+The encoder is trained for 2 steps with train_encoder.py's tiny preset (quality: none):
+these tests check the plumbing and the decisions, not the encoder's quality."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from oneword.cli import main
+from oneword.datasets.world import HELD_OUT
+from oneword.encode import EncodeConfig, encode
+from oneword.encoder.features import load_tower
+from oneword.encoder.model import (
+    ConceptEncoder,
+    EncoderConfig,
+    encode_concept,
+    load_encoder,
+    save_encoder,
+)
+from oneword.errors import OnewordError
+from oneword.models import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = dict(check_draws=4, samples=False, quiet=True)  # small settings for every call
+
+
+def _train_encoder_module():
+    if "train_encoder" in sys.modules:  # already loaded by test_train_encoder.py
+        return sys.modules["train_encoder"]
+    spec = importlib.util.spec_from_file_location("train_encoder", ROOT / "train_encoder.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_encoder"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_world_dir, tmp_path_factory) -> Path:
+    """An encoder for the tiny world, trained for 2 steps (the tiny preset, no validation)."""
+    out = tmp_path_factory.mktemp("encoder") / "run"
+    args = ["--preset", "tiny", "--model", str(tiny_world_dir), "--out", str(out), "--quiet"]
+    assert _train_encoder_module().main([*args, "--steps", "2", "--val-suite", "none"]) == 0
+    return out / "encoder.safetensors"
+
+
+@pytest.fixture(scope="module")
+def tower(tiny_world_dir):
+    return load_tower("world", model_folder=tiny_world_dir)
+
+
+@pytest.fixture(scope="module")
+def concept_images(tmp_path_factory) -> Path:
+    """Three images of a held-out world concept (class word "circle") in a folder."""
+    from oneword.demo import write_concept_images
+
+    folder = tmp_path_factory.mktemp("concept") / "images"
+    write_concept_images(HELD_OUT[0], folder, count=3)
+    return folder
+
+
+@pytest.fixture
+def model(tiny_world_dir):
+    return load_model(tiny_world_dir, device="cpu")  # fresh: every test adds its own tokens
+
+
+def _untrained(tower, model, **overrides) -> ConceptEncoder:
+    settings = dict(
+        tower=tower.spec,
+        pooled_dim=tower.pooled_dim,
+        token_dim=tower.token_dim,
+        family=model.family,
+        widths=tuple(model.widths),
+        dim=32,
+        queries=2,
+        heads=2,
+    )
+    return ConceptEncoder(EncoderConfig(**(settings | overrides)))
+
+
+# ---------------------------------------------------------------------------------------
+# The three paths
+
+
+def test_prediction_only_is_the_encoders_output(model, tiny_encoder, tower, concept_images):
+    encoder = load_encoder(tiny_encoder)
+    result = encode(
+        model, encoder, concept_images, "<c>", tower=tower, refine_steps=0, fallback=False, **FAST
+    )
+    assert result.path_taken == "encoder" and result.log["path_taken"] == "encoder"
+    # The class word defaults to the one the encoder was trained with for unlabelled data.
+    assert result.log["class_word"] == "object"
+    expected = encode_concept(encoder, model, concept_images, "<x>", "object", tower=tower)
+    torch.testing.assert_close(result.vectors[0], expected.vectors[0], rtol=0, atol=0)
+    # No learning: the only UNet passes are the check's (4 draws, one batch; the class word
+    # and the token), and the score is finite and positive.
+    assert result.log["steps_done"] == 0 and result.log["refine"] is None
+    assert result.log["unet_forward_passes"] == result.log["check_unet_passes"] == 2
+    assert math.isfinite(result.score) and result.score > 0
+    assert result.timings["encoder"] < 5 and "refine" not in result.timings
+
+
+def test_refinement_starts_from_and_is_pulled_toward_the_prediction(
+    model, tiny_encoder, tower, concept_images
+):
+    encoder = load_encoder(tiny_encoder)
+    prediction = encode_concept(encoder, model, concept_images, "<x>", "circle", tower=tower)
+    result = encode(
+        model,
+        encoder,
+        concept_images,
+        "<c>",
+        class_word="circle",
+        tower=tower,
+        refine_steps=3,
+        threshold=1e9,  # never falls back
+        **FAST,
+    )
+    assert result.path_taken == "refined" and result.log["fallback"] is None
+    # The warm start is the L2 anchor: the placeholder's initial rows are the prediction.
+    torch.testing.assert_close(result.placeholder.init_rows[0], prediction.vectors[0])
+    assert not torch.equal(result.vectors[0], prediction.vectors[0])  # and it moved
+    refine = result.log["refine"]
+    assert refine["steps_done"] == 3 and refine["config"]["l2_weight"] == EncodeConfig.l2_weight
+    assert result.log["unet_forward_passes"] == 3 + result.log["check_unet_passes"]
+    assert result.log["scores"] == {"refined": result.score}
+    assert "full inversion" not in result.summary() and "path: refined" in result.summary()
+
+
+def test_a_failed_check_falls_back_to_full_inversion(model, tiny_encoder, tower, concept_images):
+    result = encode(
+        model,
+        tiny_encoder,
+        concept_images,
+        "<c>",
+        class_word="circle",
+        tower=tower,
+        refine_steps=2,
+        threshold=0.0,  # no score passes: forces the fallback
+        fallback_steps=3,
+        **FAST,
+    )
+    assert result.path_taken == "fallback"
+    log = result.log
+    assert log["path_taken"] == "fallback" and log["threshold"] == 0.0
+    assert set(log["scores"]) == {"refined", "fallback"} and log["checked"] == "refined"
+    assert log["score"] == log["scores"]["fallback"] == result.score
+    assert log["fallback"]["steps_done"] == 3 and log["steps_done"] == 2 + 3
+    assert log["fallback"]["config"]["l2_weight"] == 0  # the full run is classic inversion
+    # The final rows are the full run's, in the placeholder named by the user's token.
+    from oneword.tokens import get_rows
+
+    torch.testing.assert_close(get_rows(model, result.placeholder)[0], result.vectors[0])
+    assert result.placeholder.token == "<c>"
+    assert "> threshold 0" in result.summary() and "path: fallback" in result.summary()
+
+
+def test_an_untrained_encoder_scores_exactly_the_class_word(model, tower, concept_images):
+    # Zero-initialised outputs predict the class word's rows, so token and class word give
+    # the same prompts' features: the relative loss is exactly 1.0, which passes (<= 1.0).
+    result = encode(
+        model,
+        _untrained(tower, model),
+        concept_images,
+        "<c>",
+        class_word="circle",
+        tower=tower,
+        refine_steps=0,
+        **FAST,
+    )
+    assert result.score == pytest.approx(1.0, abs=1e-6)
+    assert result.path_taken == "encoder" and result.log["fallback"] is None
+
+
+def test_clip_check_scores_samples_against_the_images(model, tower, concept_images):
+    encoder = _untrained(tower, model)
+    settings = dict(FAST, sample_steps=2, sample_seeds=2)
+    result = encode(
+        model,
+        encoder,
+        concept_images,
+        "<c>",
+        class_word="circle",
+        tower=tower,
+        refine_steps=0,
+        check="clip",
+        fallback=False,
+        **settings,
+    )
+    # Same rows as the class word and the same seeds: the same samples, so exactly 1.0.
+    assert result.log["check"] == "clip"
+    assert result.score == pytest.approx(1.0, abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------
+# Files, refusals, the CLI
+
+
+def test_files_load_with_diffusers(model, tiny_world_dir, tiny_encoder, concept_images, tmp_path):
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+    from oneword.embeddings import load_embedding, load_into_pipeline
+
+    settings = dict(FAST, samples=True, sample_steps=2, sample_seeds=2)
+    result = encode(
+        model,
+        tiny_encoder,
+        concept_images,
+        "<c>",
+        class_word="circle",
+        refine_steps=1,
+        threshold=1e9,
+        out_dir=tmp_path,
+        **settings,
+    )
+    assert set(result.files) == {"embedding", "samples", "log"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "learned_embeds.safetensors",
+        "log.json",
+        "samples.png",
+    ]
+    pipe = DiffusionPipeline.from_pretrained(tiny_world_dir, local_files_only=True)
+    assert load_into_pipeline(pipe, result.files["embedding"]) == "<c>"
+    row = pipe.text_encoder.get_input_embeddings().weight[
+        pipe.tokenizer.convert_tokens_to_ids("<c>")
+    ]
+    torch.testing.assert_close(row.detach(), result.vectors[0][0], rtol=0, atol=0)
+    metadata = load_embedding(result.files["embedding"]).metadata
+    assert metadata["method"] == "encode" and metadata["path_taken"] == "refined"
+    assert metadata["steps"] == "1" and metadata["class_word"] == "circle"
+    log = json.loads(result.files["log"].read_text())
+    assert log["path_taken"] == "refined" and log["threshold"] == 1e9
+    assert log["score"] == pytest.approx(result.score)
+    assert log["config"]["refine_steps"] == 1 and log["encoder"]["source"] == str(tiny_encoder)
+    for stage in ("load_tower", "encoder", "refine", "check", "samples", "total"):
+        assert log["timings"][stage] >= 0, stage
+    assert Image.open(result.files["samples"]).size[0] == 2 * model.resolution
+
+
+def test_an_encoder_for_another_family_or_width_is_refused(
+    model, tower, concept_images, tmp_path, capsys
+):
+    sdxl = _untrained(tower, model, family="sdxl", widths=(32, 48))
+    with pytest.raises(OnewordError, match=r"sdxl.*\[32, 48\].*sd1.*\[32\]"):
+        encode(model, sdxl, concept_images, "<c>", **FAST)
+    assert "<c>" not in model.tokenizers[0].get_vocab()  # refused before any token was added
+    path = save_encoder(tmp_path / "sdxl.safetensors", sdxl)
+    args = ["encode", "--model", str(model.source), "--encoder", str(path), "--token", "<c>"]
+    args += ["--images", str(concept_images), "--device", "cpu", "--out", str(tmp_path / "o")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    # One error line (after transformers' loading progress bars), no traceback.
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("oneword encode: error:") and "train an encoder for this model" in last
+    assert "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_settings_fail_before_any_work(model, tiny_encoder, concept_images, tmp_path, capsys):
+    with pytest.raises(OnewordError, match=r"--refine-steps must be an integer in 0\.\.200"):
+        encode(model, tiny_encoder, concept_images, "<c>", refine_steps=500)
+    with pytest.raises(OnewordError, match="unknown encode settings"):
+        encode(model, tiny_encoder, concept_images, "<c>", refine_step=5)
+    with pytest.raises(OnewordError, match="--check must be one of"):
+        encode(model, tiny_encoder, concept_images, "<c>", check="oracle")
+    base = ["encode", "--images", str(concept_images), "--token", "<c>"]
+    base += ["--out", str(tmp_path / "o"), "--device", "cpu"]
+    assert main([*base, "--encoder", str(tmp_path / "none.safetensors")]) == 2
+    assert "no encoder at" in capsys.readouterr().err
+    assert main([*base, "--encoder", str(tiny_encoder), "--refine-steps", "-1"]) == 2
+    assert "--refine-steps" in capsys.readouterr().err
+
+
+def test_cli_end_to_end_reports_the_path_score_and_threshold(
+    tiny_world_dir, tiny_encoder, concept_images, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    args = ["encode", "--model", str(tiny_world_dir), "--encoder", str(tiny_encoder)]
+    args += ["--images", str(concept_images), "--token", "<my-circle>", "--class-word", "circle"]
+    args += ["--refine-steps", "2", "--threshold", "0", "--fallback-steps", "2"]
+    args += ["--check-draws", "4", "--sample-steps", "2", "--device", "cpu", "--quiet"]
+    assert main([*args, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "path: fallback" in printed and "threshold 0" in printed and "score" in printed
+    assert "learned_embeds.safetensors" in printed
+    log = json.loads((out / "log.json").read_text())
+    assert log["path_taken"] == "fallback" and log["threshold"] == 0.0
+    assert log["steps_done"] == 4 and log["token"] == "<my-circle>"
+    assert (out / "samples.png").is_file() and (out / "learned_embeds.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------
+# oneword eval
+
+
+def test_eval_runs_the_encoder_methods(tiny_world_dir, tiny_encoder, tmp_path, capsys):
+    from oneword.datasets.suite import write_world_suite
+    from oneword.evaluation.harness import parse_methods
+
+    suite = write_world_suite(tmp_path / "suite", images_per_concept=2, identities=HELD_OUT[:1])
+    args = ["eval", "--model", str(tiny_world_dir), "--suite", str(suite)]
+    args += ["--methods", "encoder,encoder+refine:2"]
+    args += ["--concepts", "1", "--samples", "1", "--steps", "2", "--device", "cpu", "--quiet"]
+    assert main([*args, "--encoder", str(tiny_encoder), "--out", str(tmp_path / "eval")]) == 0
+    assert "| encoder+refine:2 |" in capsys.readouterr().out
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["config"]["encoder"] == str(tiny_encoder)
+    encoder, refined = results["methods"]["encoder"], results["methods"]["encoder+refine:2"]
+    assert encoder["unet_passes_per_concept"] == 0 and encoder["steps"] == 0
+    assert refined["unet_passes_per_concept"] == 2 and refined["steps"] == 2
+    for method in (encoder, refined):
+        assert 0 <= method["identity"] <= 1 and method["seconds_per_concept"] > 0
+        assert method["per_concept"][0]["cost"]["encoder_seconds"] > 0
+    for label in ("encoder", "encoder+refine-2"):
+        assert (
+            tmp_path / "eval" / "embeddings" / label / f"{HELD_OUT[0].name}.safetensors"
+        ).is_file()
+    with pytest.raises(OnewordError, match="step count in 1..200"):
+        parse_methods("encoder+refine:0")
+    with pytest.raises(OnewordError, match="takes no argument"):
+        parse_methods("encoder:3")
+    missing = ["--encoder", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "e2")]
+    assert main([*args, *missing]) == 2
+    assert "need an encoder file" in capsys.readouterr().err
