@@ -373,8 +373,11 @@ def test_dreambooth_layout_and_a_registered_method(tiny_world_dir, tmp_path, mon
 def test_unknown_method_and_missing_suite_fail_before_any_work(
     tiny_world_dir, world_suite, tmp_path, capsys
 ):
-    with pytest.raises(OnewordError, match="unknown method 'encoder'.*known: classic, classword"):
-        parse_methods("classword,encoder")
+    with pytest.raises(
+        OnewordError,
+        match=r"unknown method 'nope'.*known: classic, classword, encoder, encoder\+refine",
+    ):
+        parse_methods("classword,nope")
     with pytest.raises(OnewordError, match="positive step count"):
         parse_methods("classword,classic:4OO")  # before any work, not after classword ran
     with pytest.raises(OnewordError, match="takes no argument"):
