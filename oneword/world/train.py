@@ -639,6 +639,8 @@ def train_oracle(cfg: WorldTrainConfig, device: torch.device) -> dict:
     start_step = (
         _restore(state.load(), modules, optimizer, batches, None) if state.path.exists() else 0
     )
+    for group in optimizer.param_groups:  # a resumed run may continue at a lower rate
+        group["lr"] = cfg.oracle_lr
 
     def step_fn():
         pixels, _, labels, _ = batches.next(cfg.oracle_batch)
