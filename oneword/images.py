@@ -474,3 +474,39 @@ def save_grid(
         if temp_path.exists():
             temp_path.unlink()
     return path
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random resized crop (60-100% of the area), flip and mild colour jitter, per image.
+
+    Args:
+        images: (n, 3, H, W) float in [0, 1].
+        generator: CPU generator; 7 uniforms per image, drawn in one call (so a checkpointed
+            generator state reproduces the same views).
+
+    Returns:
+        (n, 3, H, W) float32 in [0, 1].
+    """
+    import torch.nn.functional as F
+
+    n, _, height, width = images.shape
+    params = torch.rand(n, 7, generator=generator).tolist()
+    luma = torch.tensor([0.299, 0.587, 0.114], device=images.device).view(3, 1, 1)
+    out = []
+    for image, (scale, left, top, flip, bright, contrast, saturation) in zip(
+        images.float(), params
+    ):
+        side_h = max(1, round(height * math.sqrt(0.6 + 0.4 * scale)))
+        side_w = max(1, round(width * math.sqrt(0.6 + 0.4 * scale)))
+        y, x = int(top * (height - side_h + 1)), int(left * (width - side_w + 1))
+        crop = image[None, :, y : y + side_h, x : x + side_w]
+        image = F.interpolate(crop, size=(height, width), mode="bilinear", antialias=True)[0]
+        if flip < 0.5:
+            image = image.flip(-1)
+        image = image * (0.9 + 0.2 * bright)
+        mean = image.mean()
+        image = mean + (image - mean) * (0.9 + 0.2 * contrast)
+        gray = (image * luma).sum(0)
+        image = gray + (image - gray) * (0.9 + 0.2 * saturation)
+        out.append(image.clamp(0, 1))
+    return torch.stack(out)  # (n, 3, H, W)

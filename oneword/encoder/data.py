@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -44,7 +43,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 
 from ..datasets import world
@@ -61,35 +59,10 @@ def mix_seed(*parts) -> int:
 
 
 def augment_views(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random resized crop (60-100% of the area), flip and mild colour jitter, per image.
+    """`oneword.images.augment` on uint8 (n, 3, H, W) images; returns uint8 (n, 3, H, W)."""
+    from ..images import augment
 
-    Args:
-        pixels: uint8 (n, 3, H, W).
-        generator: CPU generator (7 uniforms per image, drawn in one call).
-
-    Returns:
-        uint8 (n, 3, H, W).
-    """
-    n, _, height, width = pixels.shape
-    params = torch.rand(n, 7, generator=generator).tolist()
-    out = []
-    for image, (scale, left, top, flip, bright, contrast, saturation) in zip(
-        pixels.float() / 255, params
-    ):
-        side_h = max(1, round(height * math.sqrt(0.6 + 0.4 * scale)))
-        side_w = max(1, round(width * math.sqrt(0.6 + 0.4 * scale)))
-        y, x = int(top * (height - side_h + 1)), int(left * (width - side_w + 1))
-        crop = image[None, :, y : y + side_h, x : x + side_w]
-        image = F.interpolate(crop, size=(height, width), mode="bilinear", antialias=True)[0]
-        if flip < 0.5:
-            image = image.flip(-1)
-        image = image * (0.9 + 0.2 * bright)
-        mean = image.mean()
-        image = mean + (image - mean) * (0.9 + 0.2 * contrast)
-        gray = (image * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0)
-        image = gray + (image - gray) * (0.9 + 0.2 * saturation)
-        out.append(image.clamp(0, 1))
-    return (torch.stack(out) * 255).round().to(torch.uint8)  # (n, 3, H, W)
+    return (augment(pixels.float() / 255, generator) * 255).round().to(torch.uint8)
 
 
 def _to_uint8(image, resolution: int) -> torch.Tensor:

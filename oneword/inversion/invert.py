@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -218,35 +217,10 @@ def _latent_distribution(model, pixels: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def _augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random resized crop (60-100% of the area), flip and mild colour jitter, per image.
+    """`oneword.images.augment` on (b, 3, H, W) pixels in [-1, 1], in their dtype."""
+    from ..images import augment
 
-    Args:
-        pixels: (b, 3, H, W) in [-1, 1].
-        generator: the concept's generator (7 uniforms per image).
-    """
-    batch, _, height, width = pixels.shape
-    params = torch.rand(batch, 7, generator=generator).tolist()
-    out = []
-    for image, (scale, left, top, flip, bright, contrast, saturation) in zip(
-        pixels.float(), params
-    ):
-        image = (image + 1) / 2  # (3, H, W) in [0, 1]
-        side_h = max(1, round(height * math.sqrt(0.6 + 0.4 * scale)))
-        side_w = max(1, round(width * math.sqrt(0.6 + 0.4 * scale)))
-        y, x = int(top * (height - side_h + 1)), int(left * (width - side_w + 1))
-        crop = image[None, :, y : y + side_h, x : x + side_w]
-        image = F.interpolate(crop, size=(height, width), mode="bilinear", antialias=True)[0]
-        if flip < 0.5:
-            image = image.flip(-1)
-        image = image * (0.9 + 0.2 * bright)
-        mean = image.mean()
-        image = mean + (image - mean) * (0.9 + 0.2 * contrast)
-        gray = (
-            image * torch.tensor([0.299, 0.587, 0.114], device=image.device)[:, None, None]
-        ).sum(0)
-        image = gray + (image - gray) * (0.9 + 0.2 * saturation)
-        out.append(image.clamp(0, 1) * 2 - 1)
-    return torch.stack(out).to(pixels.dtype)  # (b, 3, H, W)
+    return (augment((pixels.float() + 1) / 2, generator) * 2 - 1).to(pixels.dtype)
 
 
 @dataclass
