@@ -766,7 +766,12 @@ def train_unet(cfg: WorldTrainConfig, device: torch.device) -> dict:
         "raw": quick_fidelity(unet, vae, tokenizer, text_encoder, cfg, device),
         "ema": quick_fidelity(ema, vae, tokenizer, text_encoder, cfg, device),
     }
-    chosen = "ema" if final["ema"]["all"] >= final["raw"]["all"] else "raw"
+
+    # All attributes at once first, then the mean over attributes (early on "all" is 0 for both).
+    def rank(scores: dict) -> tuple[float, float]:
+        return scores["all"], sum(scores[a] for a in world.ATTRIBUTES) / len(world.ATTRIBUTES)
+
+    chosen = "ema" if rank(final["ema"]) >= rank(final["raw"]) else "raw"
     _save_fp16(ema if chosen == "ema" else unet, out / "unet")
     DDIMScheduler.from_config(noise_scheduler_config()).save_pretrained(out / "scheduler")
     info = {
