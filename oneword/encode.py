@@ -646,7 +646,7 @@ def run_encode(args: argparse.Namespace) -> int:
 
 def add_encode_parser(subparsers) -> argparse.ArgumentParser:
     """Register `oneword encode` on an argparse subparsers object."""
-    from .models import DEFAULT_MODEL
+    from .models import add_model_argument
 
     defaults = EncodeConfig()
     parser = subparsers.add_parser(
@@ -657,11 +657,7 @@ def add_encode_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
-    add(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"diffusers folder or hub id (default: {DEFAULT_MODEL})",
-    )
+    add_model_argument(parser)
     add(
         "--encoder",
         default=DEFAULT_ENCODER,

@@ -202,7 +202,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     """Register `oneword generate` on an argparse subparsers object."""
-    from .models import DEFAULT_MODEL
+    from .models import add_model_argument
     from .sampling import SCHEDULERS
 
     parser = subparsers.add_parser(
@@ -213,11 +213,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
-    add(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"diffusers folder or hub id (default: {DEFAULT_MODEL})",
-    )
+    add_model_argument(parser)
     add(
         "--embedding",
         action="append",

@@ -600,7 +600,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Register `oneword eval` on an argparse subparsers object."""
-    from ..models import DEFAULT_MODEL
+    from ..models import add_model_argument
 
     defaults = EvalConfig()
     parser = subparsers.add_parser(
@@ -611,11 +611,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
-    add(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"diffusers folder or hub id (default: {DEFAULT_MODEL})",
-    )
+    add_model_argument(parser)
     add("--suite", required=True, type=Path, help="concept suite folder (ours or DreamBooth's)")
     add(
         "--methods",

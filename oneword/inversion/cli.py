@@ -45,7 +45,7 @@ _CONFIG_FLAGS = {
 
 def add_invert_parser(subparsers) -> argparse.ArgumentParser:
     """Register `oneword invert` on an argparse subparsers object."""
-    from ..models import DEFAULT_MODEL
+    from ..models import add_model_argument
 
     defaults = InversionConfig()
     parser = subparsers.add_parser(
@@ -59,11 +59,7 @@ def add_invert_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
-    add(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"diffusers folder or hub id (default: {DEFAULT_MODEL})",
-    )
+    add_model_argument(parser)
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--images", nargs="+", metavar="PATH", help="image files, folders or globs")
     what.add_argument("--concepts", metavar="FOLDER_OR_JSON", help="many concepts (see below)")
