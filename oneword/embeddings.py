@@ -214,13 +214,6 @@ def _kohya_metadata(metadata: dict[str, str]) -> dict[str, str]:
     return {**metadata, **spec}
 
 
-def _file_mode() -> int:
-    # mkstemp creates 0600 files; give the final file the mode a plain open() would.
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Write through `oneword.io.atomic_path` (temporary file, fsync, `os.replace`)."""
     from .io import atomic_path
@@ -229,7 +222,6 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as handle:
                 write(handle)
-            os.chmod(tmp, _file_mode())
     except OSError as exc:
         raise EmbeddingFileError(f"could not write {path}: {exc}") from None
 

@@ -185,23 +185,6 @@ def default_class_word(encoder) -> str:
         return "object"
 
 
-def _as_images(images, resolution: int) -> list:
-    """PIL images fitted to the model's resolution, or paths loaded with `load_images`."""
-    from PIL import Image
-
-    from .images import fit_image, load_images
-
-    if isinstance(images, Image.Image):
-        images = [images]
-    if (
-        isinstance(images, (list, tuple))
-        and images
-        and all(isinstance(image, Image.Image) for image in images)
-    ):
-        return [fit_image(image.convert("RGB"), resolution) for image in images]
-    return load_images(images, resolution)
-
-
 def _resolve_config(config: EncodeConfig | None, settings: dict) -> EncodeConfig:
     config = config or EncodeConfig()
     known = {f.name for f in dataclasses.fields(EncodeConfig)}
@@ -413,7 +396,9 @@ def encode(
         encoder = load_encoder(encoder, device=model.device)
     check_compatible(encoder.config, model)
     class_word = class_word or default_class_word(encoder)
-    images = _as_images(images, model.resolution)
+    from .images import fit_images
+
+    images = fit_images(images, model.resolution)
     vectors = encoder.config.num_vectors
     if tower is None:
         tic = time.perf_counter()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import glob
 import math
 import os
-import uuid
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -358,6 +357,20 @@ def load_images(
     return images
 
 
+def fit_images(images, resolution: int, *, mode: str = "crop") -> list[Image.Image]:
+    """PIL images (one or a list) fitted to `resolution`, or paths/folders/globs loaded with
+    `load_images`: the one entry point for "images" arguments of the Python API."""
+    if isinstance(images, Image.Image):
+        images = [images]
+    if (
+        isinstance(images, (list, tuple))
+        and images
+        and all(isinstance(image, Image.Image) for image in images)
+    ):
+        return [fit_image(image.convert("RGB"), resolution, mode=mode) for image in images]
+    return load_images(images, resolution, mode=mode)
+
+
 def images_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
     """Stack equally sized images into the VAE's input range.
 
@@ -456,23 +469,14 @@ def save_grid(
             (3, row * (label_height + cell_height) + 2), str(label), fill=(0, 0, 0), font=font
         )
 
-    # 1. write a temporary file beside the target, 2. fsync it, 3. rename over the target,
-    # so a crash never leaves a half-written grid under the final name. os.open with 0o666
-    # (not tempfile, which uses 0o600) so the grid gets the permissions the umask asks for.
-    temp_path = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    # Temporary file beside the target, fsync, rename: never a half-written grid.
+    from .io import atomic_path
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(descriptor, "wb") as temp:
+        with atomic_path(path) as temp:
             grid.save(temp, format="PNG")
-            temp.flush()
-            os.fsync(temp.fileno())
-        os.replace(temp_path, path)
     except OSError as error:
         raise ImageError(f"cannot write grid {path}: {error}") from None
-    finally:
-        if temp_path.exists():
-            temp_path.unlink()
     return path
 
 

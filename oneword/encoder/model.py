@@ -403,22 +403,6 @@ def with_placeholder_rows(model, placeholders, rows: Sequence[torch.Tensor]):
     return dataclasses.replace(model, text_encoders=encoders)
 
 
-def _fitted_images(images, resolution: int):
-    from PIL import Image
-
-    from ..images import fit_image, load_images
-
-    if isinstance(images, Image.Image):
-        images = [images]
-    if (
-        isinstance(images, (list, tuple))
-        and images
-        and all(isinstance(i, Image.Image) for i in images)
-    ):
-        return [fit_image(image.convert("RGB"), resolution) for image in images]
-    return load_images(images, resolution)
-
-
 @torch.no_grad()
 def encode_concept(
     encoder: ConceptEncoder,
@@ -445,7 +429,7 @@ def encode_concept(
         `add_placeholder(init_rows=...)` or `save_embedding`.
     """
     from ..embeddings import TokenEmbedding
-    from ..images import images_to_tensor
+    from ..images import fit_images, images_to_tensor
     from .features import load_tower
 
     config = encoder.config
@@ -460,7 +444,7 @@ def encode_concept(
             f"{tower.token_dim}, but the encoder was trained on {config.tower!r} with "
             f"{config.pooled_dim}/{config.token_dim}"
         )
-    pixels = images_to_tensor(_fitted_images(images, model.resolution))  # (n, 3, H, W)
+    pixels = images_to_tensor(fit_images(images, model.resolution))  # (n, 3, H, W)
     features = tower(pixels.to(tower.mean.device))
     device = next(encoder.parameters()).device
     class_rows = [

@@ -23,7 +23,6 @@ import math
 import os
 import re
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..errors import OnewordError
+from ..images import fit_images
 from ..tokens import (
     Placeholder,
     add_placeholder,
@@ -175,34 +175,10 @@ class InversionResult:
 
 
 def _write_json(path: Path, data: dict) -> Path:
-    """Atomic JSON write: temporary file beside it, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(temp, "w") as file:
-            json.dump(data, file, indent=2)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    finally:
-        if temp.exists():
-            temp.unlink()
-    return path
+    """Atomic JSON write (temporary file beside it, fsync, rename)."""
+    from ..io import atomic_write_text
 
-
-def _as_images(images, resolution: int) -> list[Image.Image]:
-    """PIL images fitted to the model's resolution, or paths loaded with `load_images`."""
-    from ..images import fit_image, load_images
-
-    if isinstance(images, Image.Image):
-        images = [images]
-    if (
-        isinstance(images, (list, tuple))
-        and images
-        and all(isinstance(image, Image.Image) for image in images)
-    ):
-        return [fit_image(image.convert("RGB"), resolution) for image in images]
-    return load_images(images, resolution)
+    return atomic_write_text(path, json.dumps(data, indent=2))
 
 
 @torch.no_grad()
@@ -266,7 +242,7 @@ class _Concept:
 
 def _prepare(model, spec: ConceptSpec, config: InversionConfig, templates, clip, init_rows=None):
     """Add the placeholder, fit the images and (augment off) cache their latent distributions."""
-    images = _as_images(spec.images, model.resolution)
+    images = fit_images(spec.images, model.resolution)
     init_text = spec.init_text or spec.class_word
     if not init_text:
         raise OnewordError(
