@@ -358,3 +358,35 @@ def test_render_on_cuda_matches_cpu():
     on_gpu = render(scenes, device="cuda").cpu().int()
     # Boundary samples may flip with different float rounding: allow a few pixels.
     assert (on_cpu - on_gpu).abs().gt(2).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("name_all", [False, True])
+def test_caption_reports_exactly_the_attributes_it_names(name_all):
+    """The text tower's attribute heads learn from these labels: a wrong one teaches a lie."""
+    from oneword.datasets.world import _PATTERN_WITH, _POSITION_PHRASES
+
+    rng = random.Random(3)
+    seen: set[str] = set()
+    for scene in sample_scenes(400, torch.Generator().manual_seed(8)):
+        mentioned: set[str] = set()
+        text = caption(scene, rng, name_all=name_all, mentioned=mentioned)
+        seen |= mentioned
+        words = _words(text)
+        for attr in ("shape", "colour", "size"):
+            value = getattr(scene, attr)
+            assert (attr in mentioned) == (value in words), (attr, value, text)
+        with_phrase = _PATTERN_WITH.get(scene.pattern, "\0")
+        named_pattern = scene.pattern in words or with_phrase in text
+        assert ("pattern" in mentioned) == named_pattern, text
+        # The background colour word appears iff it is mentioned (it never equals the colour).
+        assert ("background" in mentioned) == (scene.background in words), text
+        phrases = _POSITION_PHRASES[scene.position]
+        named_position = scene.position in words or any(p in text for p in phrases)
+        assert ("position" in mentioned) == named_position, text
+    assert seen == set(world_attributes())
+
+
+def world_attributes():
+    from oneword.datasets.world import ATTRIBUTES
+
+    return ATTRIBUTES

@@ -148,3 +148,51 @@ def test_world_suite_and_shards_commands(tmp_path):
         == 0
     )
     assert len(list((tmp_path / "shards").glob("*.tar"))) == 3
+
+
+def test_masked_cross_entropy_ignores_unmentioned_attributes():
+    from oneword.world.train import _masked_cross_entropy
+
+    logits = torch.randn(4, 3)
+    labels = torch.tensor([0, -100, 2, -100])
+    expected = torch.nn.functional.cross_entropy(logits[[0, 2]], labels[[0, 2]])
+    assert torch.allclose(_masked_cross_entropy(logits, labels), expected)
+    nothing = _masked_cross_entropy(logits, torch.full((4,), -100))
+    assert nothing.item() == 0.0 and torch.isfinite(nothing)
+
+
+def test_text_labels_follow_the_caption():
+    from oneword.datasets import world
+    from oneword.world.train import Batches
+
+    _, captions, labels, text_labels = Batches(0, 32, torch.device("cpu")).next_with_mentions(64)
+    assert len(captions) == 64
+    for attr in world.ATTRIBUTES:
+        kept = text_labels[attr] != -100
+        assert torch.equal(text_labels[attr][kept], labels[attr][kept])
+        assert kept.any()
+    # Omitted attributes exist (each is left out 15% of the time) and are masked.
+    assert any((text_labels[a] == -100).any() for a in world.ATTRIBUTES)
+
+
+def test_latent_pool_is_seeded_and_draws_fresh_captions(tiny_world_dir):
+    from diffusers import AutoencoderKL
+
+    from oneword.world.train import Batches, LatentPool
+
+    vae = AutoencoderKL.from_pretrained(tiny_world_dir / "vae").eval()
+    a = LatentPool(vae, 10, seed=3, resolution=64, device=torch.device("cpu"))
+    b = LatentPool(vae, 10, seed=3, resolution=64, device=torch.device("cpu"))
+    assert torch.equal(a.mean, b.mean) and a.mean.shape == (10, 4, 16, 16)
+    assert [s.shape for s in a.scenes] == [s.shape for s in b.scenes]
+    batches = Batches(0, 64, torch.device("cpu"))
+    latents, captions = a.next(batches, 6, drop_prob=0.0)
+    assert latents.shape == (6, 4, 16, 16) and len(captions) == 6 and all(captions)
+    # Resuming the stream (generator + caption rng) reproduces the next batch exactly.
+    state = batches.state_dict()
+    torch.manual_seed(0)
+    first = a.next(batches, 6, drop_prob=0.5)
+    batches.load_state_dict(state)
+    torch.manual_seed(0)
+    again = a.next(batches, 6, drop_prob=0.5)
+    assert torch.equal(first[0], again[0]) and first[1] == again[1]

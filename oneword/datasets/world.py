@@ -738,13 +738,21 @@ def _shape_word(scene: Scene, rng: random.Random | None, name_all: bool) -> str:
     return "object" if rng is None else rng.choice(_UNNAMED_NOUNS)
 
 
-def caption(scene: Scene, rng: random.Random, *, name_all: bool = False) -> str:
+def caption(
+    scene: Scene,
+    rng: random.Random,
+    *,
+    name_all: bool = False,
+    mentioned: set[str] | None = None,
+) -> str:
     """One random caption of a scene.
 
     Twelve template families; each attribute but the shape noun may be left out, and
     unnamed values are never written unless `name_all` (an unnamed shape becomes
     "object"/"thing"/"shape", an unnamed colour or pattern is left out).
-    `name_all=True` names everything, for training the world's CLIP.
+    `name_all=True` names everything, for training the world's CLIP. If `mentioned` is
+    given, the attributes whose value the caption names are added to it (the labels of the
+    CLIP text tower's attribute heads).
     """
 
     def keep(attr: str, prob: float = _OMIT_PROB) -> str | None:
@@ -765,7 +773,22 @@ def caption(scene: Scene, rng: random.Random, *, name_all: bool = False) -> str:
         "position": rng.choice(_POSITION_PHRASES[position]) if position else None,
         "position_word": position,
     }
-    return _clean(rng.choice(_FAMILIES)(parts, rng))
+    text = _clean(rng.choice(_FAMILIES)(parts, rng))
+    if mentioned is not None:
+        mentioned.update(_mentioned(scene, text))
+    return text
+
+
+def _mentioned(scene: Scene, text: str) -> set[str]:
+    """The attributes whose value a caption of `scene` names (families drop some parts, so
+    this reads the text). The object and background colours never coincide."""
+    words = set(re.findall(r"[a-z]+", text))
+    found = {a for a in ("shape", "colour", "size", "background") if getattr(scene, a) in words}
+    if scene.pattern in words or _PATTERN_WITH.get(scene.pattern, "\0") in text:
+        found.add("pattern")
+    if scene.position in words or any(p in text for p in _POSITION_PHRASES[scene.position]):
+        found.add("position")
+    return found
 
 
 def full_caption(scene: Scene, *, name_all: bool = False) -> str:
