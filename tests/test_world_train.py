@@ -196,3 +196,27 @@ def test_latent_pool_is_seeded_and_draws_fresh_captions(tiny_world_dir):
     torch.manual_seed(0)
     again = a.next(batches, 6, drop_prob=0.5)
     assert torch.equal(first[0], again[0]) and first[1] == again[1]
+
+
+def test_oracle_can_start_from_a_previous_oracle(tiny_world_dir, tmp_path):
+    import shutil
+
+    from oneword.world.oracle import Oracle
+
+    out = tmp_path / "w"
+    shutil.copytree(tiny_world_dir / "vae", out / "vae")  # the oracle reads reconstructions
+    cfg = replace(
+        WorldTrainConfig(out=str(out), work=str(tmp_path / "work")),
+        **PRESETS["tiny"],
+    )
+    cfg = replace(
+        cfg,
+        stages=("oracle",),
+        oracle_steps=1,
+        oracle_lr=0.0,
+        oracle_init=str(tiny_world_dir / "oracle"),
+    )
+    train_world(cfg)
+    before = Oracle.load(tiny_world_dir / "oracle").state_dict()
+    after = Oracle.load(out / "oracle").state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # lr 0: the init survives

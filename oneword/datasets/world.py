@@ -113,9 +113,9 @@ _CENTRES = {
 }
 JITTER = 0.03  # max |dx|, |dy| (~2 px at 64 px); never captioned
 MAX_ROTATION = 15.0  # degrees, in the object's frame (the pattern turns with it)
-# Pattern period: 6.5 px for big objects, 5 px for small ones at 64 px (not fully
+# Pattern period: 11 px for big objects, 9 px for small ones at 64 px (not fully
 # proportional to the size, so small objects still show a readable pattern).
-_PERIOD = {"small": 5.0 / 64, "big": 6.5 / 64}
+_PERIOD = {"small": 9.0 / 64, "big": 11.0 / 64}
 
 # Background validity: far enough from the object colour (and from the pattern's second
 # tone) that the object never vanishes into the background.
@@ -483,8 +483,10 @@ def _tone_mask(pattern: str, u: torch.Tensor, v: torch.Tensor, period: torch.Ten
     if pattern == "checkered":  # squares half a period wide
         cells = torch.floor(u * (2 / period)) + torch.floor(v * (2 / period))
         return torch.remainder(cells, 2) == 1
-    if pattern == "concentric":  # rings around the object centre
-        return _fractional(torch.sqrt(u * u + v * v) / period) >= 0.5
+    if pattern == "concentric":  # rings around the object centre, 40% of a period wide
+        # (outer rings cover more area than the centre: at half a period the second tone
+        # would outweigh the object's colour on small objects)
+        return _fractional(torch.sqrt(u * u + v * v) / period) >= 0.6
     if pattern == "split":  # the right half (in the object frame)
         return u > 0
     raise AssertionError(pattern)

@@ -69,11 +69,18 @@ class WorldTrainConfig:
     vae_batch: int = 64
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
+    # L1 on horizontal/vertical pixel differences: without it the VAE painted striped,
+    # dotted and checkered objects in one flat colour (measured: the oracle read the pattern
+    # of 29% of reconstructions after 1,000 steps; L1 + L2 alone reward the mean colour).
+    vae_edge_weight: float = 1.0
     vae_channels: tuple[int, ...] = (32, 64, 64)
     # oracle
     oracle_steps: int = 1500
     oracle_batch: int = 256
     oracle_lr: float = 1e-3
+    # An oracle folder to start from instead of random weights (after a change of the world
+    # that keeps its attributes, fine-tuning the previous oracle is far cheaper).
+    oracle_init: str = ""
     # UNet
     unet_steps: int = 20000
     unet_batch: int = 96
@@ -647,6 +654,13 @@ def _head_accuracy(
     }
 
 
+def _edge_l1(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L1 between the images' finite differences along x and y: (b, c, h, w) -> scalar."""
+    dx = F.l1_loss(recon.diff(dim=-1), target.diff(dim=-1))
+    dy = F.l1_loss(recon.diff(dim=-2), target.diff(dim=-2))
+    return dx + dy
+
+
 def train_vae(cfg: WorldTrainConfig, device: torch.device) -> dict:
     """AutoencoderKL with L1 + L2 reconstruction and a tiny KL (SD's VAE is KL-regularised too)."""
     vae = build_vae(cfg).to(device)
@@ -666,6 +680,8 @@ def train_vae(cfg: WorldTrainConfig, device: torch.device) -> dict:
             recon = vae.decode(posterior.sample()).sample.float()
         kl = posterior.kl().mean()
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + cfg.vae_kl_weight * kl
+        if cfg.vae_edge_weight:
+            loss = loss + cfg.vae_edge_weight * _edge_l1(recon, x)
         return loss, {"kl": kl.item()}
 
     vae.train()
@@ -715,6 +731,8 @@ def train_oracle(cfg: WorldTrainConfig, device: torch.device) -> dict:
     start_step = (
         _restore(state.load(), modules, optimizer, batches, None) if state.path.exists() else 0
     )
+    if not start_step and cfg.oracle_init:
+        oracle.load_state_dict(Oracle.load(cfg.oracle_init).state_dict())
     for group in optimizer.param_groups:  # a resumed run may continue at a lower rate
         group["lr"] = cfg.oracle_lr
 
