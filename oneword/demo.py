@@ -1,7 +1,9 @@
 """`oneword demo`: the whole job on the built-in miniature world, offline, in about a minute.
 
 1. Write a held-out concept's images (a shape/colour/pattern the captions never name) to a folder.
-2. Learn its token in the world model (classic inversion, a short budget).
+2. Learn its token in the world model: with the trained concept encoder when there is one
+   (`oneword encode`: predict, refine, check, fall back if needed), else, or with
+   `--classic`, with classic inversion on a short budget.
 3. Write the token file and a PNG grid of the concept in new scenes, and say where they are.
 
 `oneword demo --images PATHS` does the same for your own images of a world-like concept.
@@ -52,6 +54,7 @@ def write_concept_images(
 
 def run_demo(args) -> int:
     from .datasets import world
+    from .encode import DEFAULT_ENCODER
     from .images import load_images, save_grid
     from .inversion import InversionConfig, invert
     from .models import load_model
@@ -85,10 +88,35 @@ def run_demo(args) -> int:
     timings["load model"] = time.time() - t
 
     t = time.time()
-    config = InversionConfig(steps=args.steps, seed=args.seed, samples=False, quiet=args.quiet)
-    result = invert(
-        model, images_arg, args.token, init, config, out / "token", class_word=class_word
-    )
+    encoder_path = None if args.classic else Path(args.encoder or DEFAULT_ENCODER)
+    if encoder_path is not None and not encoder_path.is_file():
+        if args.encoder:  # asked for explicitly: say so instead of silently going classic
+            raise OnewordError(f"no encoder at {encoder_path}; pass --classic to invert instead")
+        print(f"no encoder at {encoder_path}: learning the token by classic inversion")
+        encoder_path = None
+    if encoder_path is not None:
+        from .encode import encode
+        from .encoder.model import load_encoder
+
+        result = encode(
+            model,
+            load_encoder(encoder_path),
+            images_arg,
+            args.token,
+            class_word=class_word or "object",
+            out_dir=out / "token",
+            refine_steps=args.refine_steps,
+            seed=args.seed,
+            samples=False,
+            quiet=args.quiet,
+        )
+        how = result.summary()
+    else:
+        config = InversionConfig(steps=args.steps, seed=args.seed, samples=False, quiet=args.quiet)
+        result = invert(
+            model, images_arg, args.token, init, config, out / "token", class_word=class_word
+        )
+        how = f"classic inversion, {args.steps} steps"
     timings["learn token"] = time.time() - t
 
     t = time.time()
@@ -105,7 +133,7 @@ def run_demo(args) -> int:
     )
     timings["sample new scenes"] = time.time() - t
 
-    print(f"concept: {concept_name} (init word {init!r})")
+    print(f"concept: {concept_name} (init word {init!r}); {how}")
     for stage, seconds in timings.items():
         print(f"  {stage:>18}: {seconds:6.1f} s")
     print(f"  {'total':>18}: {time.time() - start:6.1f} s")
@@ -123,6 +151,7 @@ def add_demo_parser(subparsers) -> None:
         epilog="examples:\n  oneword demo\n  oneword demo --concept teal-square-split --out runs/demo\n"
         "  oneword demo --images my_shapes/ --init star",
     )
+    from .encode import DEFAULT_ENCODER
     from .models import DEFAULT_MODEL
 
     parser.add_argument(
@@ -136,7 +165,20 @@ def add_demo_parser(subparsers) -> None:
         "--init", default=None, help="initializer word for --images (default: object)"
     )
     parser.add_argument("--token", default="<concept>")
-    parser.add_argument("--steps", type=int, default=DEMO_STEPS)
+    parser.add_argument(
+        "--encoder",
+        default=None,
+        help=f"concept encoder file (default: {DEFAULT_ENCODER} when it exists)",
+    )
+    parser.add_argument(
+        "--classic", action="store_true", help="classic inversion even when an encoder exists"
+    )
+    parser.add_argument(
+        "--refine-steps", type=int, default=50, help="refinement steps after the encoder"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=DEMO_STEPS, help="classic inversion steps (with --classic)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--quiet", action="store_true")

@@ -331,3 +331,30 @@ def test_eval_runs_the_encoder_methods(tiny_world_dir, tiny_encoder, tmp_path, c
     missing = ["--encoder", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "e2")]
     assert main([*args, *missing]) == 2
     assert "need an encoder file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------
+# oneword demo: encoder path, classic path, and a missing encoder
+
+
+def test_demo_uses_the_encoder_when_given(tiny_world_dir, tiny_encoder, tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--model", str(tiny_world_dir), "--encoder", str(tiny_encoder)]
+    assert main([*argv, "--refine-steps", "1", "--quiet", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "path:" in printed and "classic inversion" not in printed
+    facts = json.loads((out / "token" / "log.json").read_text())
+    assert facts["path_taken"] in ("refined", "fallback") and facts["refine"]["steps_done"] == 1
+    assert (out / "demo.png").is_file() and (out / "token" / "learned_embeds.safetensors").is_file()
+
+
+def test_demo_classic_and_missing_encoder(tiny_world_dir, tiny_encoder, tmp_path, capsys):
+    out = tmp_path / "classic"
+    argv = ["demo", "--model", str(tiny_world_dir), "--steps", "2", "--quiet"]
+    assert main([*argv, "--classic", "--encoder", str(tiny_encoder), "--out", str(out)]) == 0
+    assert "classic inversion, 2 steps" in capsys.readouterr().out
+    assert json.loads((out / "token" / "log.json").read_text())["steps_done"] == 2
+    # An explicitly named encoder that does not exist is an error, not a silent switch.
+    missing = tmp_path / "nope.safetensors"
+    assert main([*argv, "--encoder", str(missing), "--out", str(tmp_path / "x")]) == 2
+    assert str(missing) in capsys.readouterr().err

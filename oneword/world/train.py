@@ -671,6 +671,8 @@ def train_vae(cfg: WorldTrainConfig, device: torch.device) -> dict:
     start_step = (
         _restore(state.load(), modules, optimizer, batches, None) if state.path.exists() else 0
     )
+    for group in optimizer.param_groups:  # a resumed run may continue at a lower rate
+        group["lr"] = cfg.vae_lr
 
     def step_fn():
         pixels, *_ = batches.next(cfg.vae_batch)
