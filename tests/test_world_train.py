@@ -220,3 +220,25 @@ def test_oracle_can_start_from_a_previous_oracle(tiny_world_dir, tmp_path):
     before = Oracle.load(tiny_world_dir / "oracle").state_dict()
     after = Oracle.load(out / "oracle").state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # lr 0: the init survives
+
+
+def test_vae_decoder_stage_keeps_the_latent_space(tmp_path):
+    """The optional stage trains the decoder only: encoder, quant conv and scaling unchanged."""
+    from diffusers import AutoencoderKL
+
+    cfg = replace(
+        WorldTrainConfig(out=str(tmp_path / "w"), work=str(tmp_path / "work")), **PRESETS["tiny"]
+    )
+    train_world(replace(cfg, stages=("vae",)))
+    before = AutoencoderKL.from_pretrained(tmp_path / "w" / "vae")
+    # Not named: not run, even though it is not done.
+    train_world(replace(cfg, stages=("vae",)))
+    assert not StageState(cfg, "vae_decoder").done
+    train_world(replace(cfg, stages=("vae_decoder",), vae_decoder_steps=2, vae_lr=1e-2))
+    after = AutoencoderKL.from_pretrained(tmp_path / "w" / "vae")
+    assert after.config.scaling_factor == before.config.scaling_factor
+    b, a = before.state_dict(), after.state_dict()
+    kept = [k for k in b if not k.startswith(("decoder.", "post_quant_conv."))]
+    assert kept and all(torch.equal(b[k], a[k]) for k in kept)
+    assert any(not torch.equal(b[k], a[k]) for k in b if k.startswith("decoder."))
+    assert StageState(cfg, "vae_decoder").done

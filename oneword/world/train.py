@@ -35,6 +35,10 @@ from ..io import atomic_path, atomic_write_text
 from .oracle import Oracle, OracleConfig, oracle_accuracy
 
 STAGES = ("clip", "vae", "oracle", "unet")
+# Run only when named in --stages, after the VAE: more decoder training with the encoder
+# frozen, so a UNet trained on the encoder's latents stays valid (as SD's fine-tuned
+# ft-MSE/ft-EMA decoders did). It overwrites the exported VAE's decoder.
+OPTIONAL_STAGES = ("vae_decoder",)
 
 
 @dataclass
@@ -73,6 +77,7 @@ class WorldTrainConfig:
     # dotted and checkered objects in one flat colour (measured: the oracle read the pattern
     # of 29% of reconstructions after 1,000 steps; L1 + L2 alone reward the mean colour).
     vae_edge_weight: float = 1.0
+    vae_decoder_steps: int = 1000  # the optional vae_decoder stage (steps of vae_batch)
     vae_channels: tuple[int, ...] = (32, 64, 64)
     # oracle
     oracle_steps: int = 1500
@@ -705,6 +710,67 @@ def train_vae(cfg: WorldTrainConfig, device: torch.device) -> dict:
     return info
 
 
+def train_vae_decoder(cfg: WorldTrainConfig, device: torch.device) -> dict:
+    """More decoder training with the exported encoder frozen; the latent space, its scaling
+    factor and so any UNet trained on it are unchanged."""
+    vae = load_vae(cfg, device)  # the exported VAE: its encoder is what the UNet saw
+    scaling = float(vae.config.scaling_factor)
+    vae_state = StageState(cfg, "vae").load()
+    if vae_state is not None:  # the fp32 decoder (the export is fp16)
+        full = vae_state["modules"]["vae"]
+        vae.load_state_dict(
+            {
+                k: (v if k.startswith(("decoder.", "post_quant_conv.")) else vae.state_dict()[k])
+                for k, v in full.items()
+            }
+        )
+    decoder = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    for p in decoder:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(decoder, lr=cfg.vae_lr, weight_decay=0.0)
+    batches = Batches(cfg.seed + 8, cfg.resolution, device)
+    state = StageState(cfg, "vae_decoder")
+    modules = {"vae": vae}
+    start_step = (
+        _restore(state.load(), modules, optimizer, batches, None) if state.path.exists() else 0
+    )
+
+    def step_fn():
+        pixels, *_ = batches.next(cfg.vae_batch)
+        x = to_unit(pixels)
+        with torch.no_grad():
+            latents = vae.encode(x).latent_dist.sample()
+        with _autocast(device, cfg):
+            recon = vae.decode(latents).sample.float()
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        if cfg.vae_edge_weight:
+            loss = loss + cfg.vae_edge_weight * _edge_l1(recon, x)
+        return loss, {}
+
+    vae.decoder.train()
+    steps = _run_loop(
+        cfg,
+        "vae_decoder",
+        cfg.vae_decoder_steps,
+        state,
+        modules,
+        optimizer,
+        batches,
+        step_fn,
+        start_step,
+    )
+    vae.eval()
+    with torch.no_grad():
+        pixels, *_ = Batches(cfg.seed + 3, cfg.resolution, device).next(cfg.eval_renders // 4)
+        recon = vae.decode(vae.encode(to_unit(pixels)).latent_dist.sample()).sample.clamp(-1, 1)
+        psnr = float(10 * torch.log10(4.0 / F.mse_loss(recon, to_unit(pixels))))
+    vae.register_to_config(scaling_factor=scaling)
+    _save_fp16(vae, Path(cfg.out) / "vae")
+    info = {"steps": steps, "scaling_factor": scaling, "psnr_db": psnr}
+    state.mark_done(info)
+    return info
+
+
 def load_vae(cfg: WorldTrainConfig, device):
     from diffusers import AutoencoderKL
 
@@ -935,10 +1001,18 @@ def train_world(cfg: WorldTrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     Path(cfg.work).mkdir(parents=True, exist_ok=True)
-    runners = {"clip": train_clip, "vae": train_vae, "oracle": train_oracle, "unet": train_unet}
+    runners = {
+        "clip": train_clip,
+        "vae": train_vae,
+        "vae_decoder": train_vae_decoder,
+        "oracle": train_oracle,
+        "unet": train_unet,
+    }
     infos = {}
-    for stage in STAGES:
+    for stage in ("clip", "vae", "vae_decoder", "oracle", "unet"):
         state = StageState(cfg, stage)
+        if stage in OPTIONAL_STAGES and stage not in cfg.stages:
+            continue
         if state.done:
             infos[stage] = json.loads((state.folder / "done").read_text())
             continue
@@ -980,7 +1054,14 @@ def add_world_parser(subparsers) -> None:
             train.add_argument(flag, type=int, nargs="+", default=None)
         else:
             train.add_argument(flag, type=kind, default=None)
-    train.add_argument("--stages", nargs="+", choices=STAGES, default=None)
+    train.add_argument(
+        "--stages",
+        nargs="+",
+        choices=STAGES + OPTIONAL_STAGES,
+        default=None,
+        help="stages to run (default: all of " + ", ".join(STAGES) + "; vae_decoder only when "
+        "named: more decoder training with the encoder frozen, after the UNet has started)",
+    )
     train.add_argument(
         "--stage-seconds",
         nargs="+",
