@@ -1011,8 +1011,8 @@ def train_world(cfg: WorldTrainConfig) -> dict:
     infos = {}
     for stage in ("clip", "vae", "vae_decoder", "oracle", "unet"):
         state = StageState(cfg, stage)
-        if stage in OPTIONAL_STAGES and stage not in cfg.stages:
-            continue
+        if stage in OPTIONAL_STAGES and stage not in cfg.stages and not state.done:
+            continue  # never run unless named; once run, its measurements go to world.json
         if state.done:
             infos[stage] = json.loads((state.folder / "done").read_text())
             continue
