@@ -106,6 +106,7 @@ def run_demo(args) -> int:
             class_word=class_word or "object",
             out_dir=out / "token",
             refine_steps=args.refine_steps,
+            fallback_steps=args.steps,  # the demo's budget, not classic inversion's default
             seed=args.seed,
             samples=False,
             quiet=args.quiet,
@@ -177,7 +178,10 @@ def add_demo_parser(subparsers) -> None:
         "--refine-steps", type=int, default=50, help="refinement steps after the encoder"
     )
     parser.add_argument(
-        "--steps", type=int, default=DEMO_STEPS, help="classic inversion steps (with --classic)"
+        "--steps",
+        type=int,
+        default=DEMO_STEPS,
+        help="classic inversion steps (with --classic, or as the encoder's fallback)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)

@@ -340,10 +340,11 @@ def test_eval_runs_the_encoder_methods(tiny_world_dir, tiny_encoder, tmp_path, c
 def test_demo_uses_the_encoder_when_given(tiny_world_dir, tiny_encoder, tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--model", str(tiny_world_dir), "--encoder", str(tiny_encoder)]
-    assert main([*argv, "--refine-steps", "1", "--quiet", "--out", str(out)]) == 0
+    assert main([*argv, "--refine-steps", "1", "--steps", "3", "--quiet", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "path:" in printed and "classic inversion" not in printed
     facts = json.loads((out / "token" / "log.json").read_text())
+    assert facts["config"]["fallback_steps"] == 3  # the demo's budget, not 3,000 steps
     assert facts["path_taken"] in ("refined", "fallback") and facts["refine"]["steps_done"] == 1
     assert (out / "demo.png").is_file() and (out / "token" / "learned_embeds.safetensors").is_file()
 
