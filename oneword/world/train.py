@@ -666,6 +666,24 @@ def _edge_l1(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return dx + dy
 
 
+def _export_vae(cfg, vae, state: StageState, steps: int, device, *, scaling: float | None):
+    """Measure PSNR on fresh renders, save the VAE, mark the stage done. `scaling` None:
+    scale latents to unit variance, as SD does with its 0.18215 (else keep the given one)."""
+    vae.eval()
+    with torch.no_grad():
+        pixels, *_ = Batches(cfg.seed + 3, cfg.resolution, device).next(cfg.eval_renders // 4)
+        latents = vae.encode(to_unit(pixels)).latent_dist.sample()
+        if scaling is None:
+            scaling = float(1.0 / latents.float().std())
+        recon = vae.decode(latents).sample.clamp(-1, 1)
+        psnr = float(10 * torch.log10(4.0 / F.mse_loss(recon, to_unit(pixels))))
+    vae.register_to_config(scaling_factor=scaling)
+    _save_fp16(vae, Path(cfg.out) / "vae")
+    info = {"steps": steps, "scaling_factor": scaling, "psnr_db": psnr}
+    state.mark_done(info)
+    return info
+
+
 def train_vae(cfg: WorldTrainConfig, device: torch.device) -> dict:
     """AutoencoderKL with L1 + L2 reconstruction and a tiny KL (SD's VAE is KL-regularised too)."""
     vae = build_vae(cfg).to(device)
@@ -695,19 +713,7 @@ def train_vae(cfg: WorldTrainConfig, device: torch.device) -> dict:
     steps = _run_loop(
         cfg, "vae", cfg.vae_steps, state, modules, optimizer, batches, step_fn, start_step
     )
-    vae.eval()
-    # Scale latents to unit variance, as SD does with its 0.18215.
-    with torch.no_grad():
-        pixels, *_ = Batches(cfg.seed + 3, cfg.resolution, device).next(cfg.eval_renders // 4)
-        latents = vae.encode(to_unit(pixels)).latent_dist.sample()
-        scaling = float(1.0 / latents.float().std())
-        recon = vae.decode(latents).sample.clamp(-1, 1)
-        psnr = float(10 * torch.log10(4.0 / F.mse_loss(recon, to_unit(pixels))))
-    vae.register_to_config(scaling_factor=scaling)
-    _save_fp16(vae, Path(cfg.out) / "vae")
-    info = {"steps": steps, "scaling_factor": scaling, "psnr_db": psnr}
-    state.mark_done(info)
-    return info
+    return _export_vae(cfg, vae, state, steps, device, scaling=None)
 
 
 def train_vae_decoder(cfg: WorldTrainConfig, device: torch.device) -> dict:
@@ -759,16 +765,7 @@ def train_vae_decoder(cfg: WorldTrainConfig, device: torch.device) -> dict:
         step_fn,
         start_step,
     )
-    vae.eval()
-    with torch.no_grad():
-        pixels, *_ = Batches(cfg.seed + 3, cfg.resolution, device).next(cfg.eval_renders // 4)
-        recon = vae.decode(vae.encode(to_unit(pixels)).latent_dist.sample()).sample.clamp(-1, 1)
-        psnr = float(10 * torch.log10(4.0 / F.mse_loss(recon, to_unit(pixels))))
-    vae.register_to_config(scaling_factor=scaling)
-    _save_fp16(vae, Path(cfg.out) / "vae")
-    info = {"steps": steps, "scaling_factor": scaling, "psnr_db": psnr}
-    state.mark_done(info)
-    return info
+    return _export_vae(cfg, vae, state, steps, device, scaling=scaling)
 
 
 def load_vae(cfg: WorldTrainConfig, device):
