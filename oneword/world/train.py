@@ -245,8 +245,8 @@ class LatentPool:
         scenes = [self.scenes[i] for i in index.tolist()]
         captions = world.caption_batch(scenes, batches.rng, drop_prob=drop_prob)
         index = index.to(self.mean.device)
-        latents = self.mean[index] + self.std[index] * torch.randn_like(self.mean[index])
-        return latents, captions
+        mean = self.mean[index]
+        return mean + self.std[index] * torch.randn_like(mean), captions
 
 
 def to_unit(pixels: torch.Tensor) -> torch.Tensor:
@@ -659,11 +659,15 @@ def _head_accuracy(
     }
 
 
-def _edge_l1(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """L1 between the images' finite differences along x and y: (b, c, h, w) -> scalar."""
-    dx = F.l1_loss(recon.diff(dim=-1), target.diff(dim=-1))
-    dy = F.l1_loss(recon.diff(dim=-2), target.diff(dim=-2))
-    return dx + dy
+def _reconstruction_loss(cfg, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L1 + L2 + `vae_edge_weight` * L1 between the finite differences along x and y;
+    (b, c, h, w) images in [-1, 1] -> scalar. Shared by the vae and vae_decoder stages."""
+    loss = F.l1_loss(recon, target) + F.mse_loss(recon, target)
+    if cfg.vae_edge_weight:
+        dx = F.l1_loss(recon.diff(dim=-1), target.diff(dim=-1))
+        dy = F.l1_loss(recon.diff(dim=-2), target.diff(dim=-2))
+        loss = loss + cfg.vae_edge_weight * (dx + dy)
+    return loss
 
 
 def _export_vae(cfg, vae, state: StageState, steps: int, device, *, scaling: float | None):
@@ -704,9 +708,7 @@ def train_vae(cfg: WorldTrainConfig, device: torch.device) -> dict:
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.sample()).sample.float()
         kl = posterior.kl().mean()
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + cfg.vae_kl_weight * kl
-        if cfg.vae_edge_weight:
-            loss = loss + cfg.vae_edge_weight * _edge_l1(recon, x)
+        loss = _reconstruction_loss(cfg, recon, x) + cfg.vae_kl_weight * kl
         return loss, {"kl": kl.item()}
 
     vae.train()
@@ -723,13 +725,12 @@ def train_vae_decoder(cfg: WorldTrainConfig, device: torch.device) -> dict:
     scaling = float(vae.config.scaling_factor)
     vae_state = StageState(cfg, "vae").load()
     if vae_state is not None:  # the fp32 decoder (the export is fp16)
-        full = vae_state["modules"]["vae"]
-        vae.load_state_dict(
-            {
-                k: (v if k.startswith(("decoder.", "post_quant_conv.")) else vae.state_dict()[k])
-                for k, v in full.items()
-            }
-        )
+        decoder_state = {
+            k: v
+            for k, v in vae_state["modules"]["vae"].items()
+            if k.startswith(("decoder.", "post_quant_conv."))
+        }
+        vae.load_state_dict(decoder_state, strict=False)
     decoder = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     for p in decoder:
         p.requires_grad_(True)
@@ -748,10 +749,7 @@ def train_vae_decoder(cfg: WorldTrainConfig, device: torch.device) -> dict:
             latents = vae.encode(x).latent_dist.sample()
         with _autocast(device, cfg):
             recon = vae.decode(latents).sample.float()
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
-        if cfg.vae_edge_weight:
-            loss = loss + cfg.vae_edge_weight * _edge_l1(recon, x)
-        return loss, {}
+        return _reconstruction_loss(cfg, recon, x), {}
 
     vae.decoder.train()
     steps = _run_loop(
@@ -1006,7 +1004,7 @@ def train_world(cfg: WorldTrainConfig) -> dict:
         "unet": train_unet,
     }
     infos = {}
-    for stage in ("clip", "vae", "vae_decoder", "oracle", "unet"):
+    for stage, runner in runners.items():  # in training order
         state = StageState(cfg, stage)
         if stage in OPTIONAL_STAGES and stage not in cfg.stages and not state.done:
             continue  # never run unless named; once run, its measurements go to world.json
@@ -1016,7 +1014,7 @@ def train_world(cfg: WorldTrainConfig) -> dict:
         if stage not in cfg.stages:
             continue
         started = time.time()
-        info = runners[stage](cfg, device)
+        info = runner(cfg, device)
         info["seconds"] = time.time() - started
         info["device"] = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
         state.mark_done(info)
