@@ -4,6 +4,7 @@ the harness end to end on the tiny world (CPU)."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from oneword.errors import OnewordError
 from oneword.evaluation import METHODS, EvalConfig, LearnedToken, evaluate
 from oneword.evaluation.harness import QUALITY_METRICS, fill_prompt, parse_methods
 from oneword.evaluation.metrics import (
+    fallback_rates,
     load_clip_scorer,
     load_dino_scorer,
     matched_similarity,
@@ -324,6 +326,13 @@ def test_eval_on_the_tiny_world_writes_the_report_and_is_deterministic(
     assert Image.open(tmp_path / "a" / "tradeoff.png").size[0] > 300
     table = (tmp_path / "a" / "results.md").read_text()
     assert "| classword |" in table and "| classic:2 |" in table and "position" in table
+    # The fallback check scores learned tokens only: the class word has no placeholder.
+    assert row["check_score"] > 0 and math.isfinite(row["check_score"])
+    assert results["methods"]["classword"]["per_concept"][0]["check_score"] is None
+    assert results["methods"]["classword"]["fallback"] is None
+    rates = results["methods"]["classic:2"]["fallback"]
+    assert rates["right"] + rates["wrong"] == 1 and rates["threshold"] == 1.0
+    assert "Fallback check" in table and Image.open(tmp_path / "a" / "check.png").size[0] > 300
 
     # 2. The same seed on the CPU gives the same numbers.
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
@@ -393,6 +402,23 @@ def test_unknown_method_and_missing_suite_fail_before_any_work(
     err = capsys.readouterr().err
     assert "no-suite does not exist" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_fallback_rates_split_concepts_by_identity_and_flag_scores_above_the_threshold():
+    rows = [
+        {"concept": "a", "identity": 0.9, "check_score": 0.95},  # right, kept
+        {"concept": "b", "identity": 0.6, "check_score": 1.2},  # right, sent back
+        {"concept": "c", "identity": 0.1, "check_score": 1.01},  # wrong, caught
+        {"concept": "d", "identity": 0.0, "check_score": 0.9},  # wrong, missed
+        {"concept": "e", "identity": 0.0, "check_score": float("nan")},  # NaN: caught
+        {"concept": "f", "identity": None, "check_score": 2.0},  # no oracle: not counted
+    ]
+    rates = fallback_rates(rows, threshold=1.0, right_identity=0.5)
+    assert (rates["right"], rates["right_flagged"]) == (2, 1)
+    assert (rates["wrong"], rates["wrong_flagged"]) == (3, 2)
+    assert rates["flagged_wrong"] == ["c", "e"] and rates["flagged_right"] == ["b"]
+    assert fallback_rates(rows, threshold=1.3, right_identity=0.5)["wrong_flagged"] == 1
+    assert fallback_rates([{"concept": "x", "identity": 1.0, "check_score": None}], 1, 0.5) is None
 
 
 def test_report_without_any_quality_metric():

@@ -31,6 +31,7 @@ from PIL import Image
 from ..encoder.methods import register_encoder_methods
 from ..errors import OnewordError
 from .metrics import (
+    fallback_rates,
     load_clip_scorer,
     load_dino_scorer,
     matched_similarity,
@@ -73,6 +74,13 @@ class EvalConfig:
     grid_edits: int = 2
     # The encoder file of the "encoder" methods; None = checkpoints/world-encoder.safetensors.
     encoder: str | None = None
+    # Score every learned token with `oneword encode`'s loss check (its denoising loss on the
+    # concept's images relative to the class word's; lower is better), outside the timed
+    # learning, so the report can say how well the check separates good tokens from bad
+    # ones: a concept counts as "right" when its identity is >= right_identity.
+    check_score: bool = True
+    check_threshold: float = 1.0  # the threshold whose fallback rates the report gives
+    right_identity: float = 0.5
     device: str | None = None
     quiet: bool = False
 
@@ -86,6 +94,10 @@ class EvalConfig:
                 )
         if self.seed < 0:
             raise OnewordError(f"--seed must be >= 0, got {self.seed}")
+        if not self.check_threshold >= 0:  # also refuses NaN
+            raise OnewordError(f"--check-threshold must be >= 0, got {self.check_threshold}")
+        if not 0 < self.right_identity <= 1:
+            raise OnewordError(f"--right-identity must be in (0, 1], got {self.right_identity}")
         if self.concepts is not None and self.concepts < 1:
             raise OnewordError(f"--concepts must be >= 1, got {self.concepts}")
         if "{}" not in self.identity_prompt:
@@ -295,6 +307,7 @@ class _Reference:
     images: list[Image.Image]
     clip: torch.Tensor | None  # (n, p)
     dino: torch.Tensor | None  # (n, q)
+    check: object | None = None  # the concept's `LossCheck`, made on first use
 
 
 @dataclass
@@ -340,6 +353,23 @@ def _score(
     return row
 
 
+def _check_score(model, concept, reference: _Reference, learned, seed: int) -> float | None:
+    """`oneword encode`'s loss check of a learned token (None for a plain word).
+
+    The check's draws and class-word loss depend only on the concept and the seed, so they
+    are made once per concept (`reference.check`) and shared by every method.
+    """
+    from ..encode import EncodeConfig, LossCheck
+
+    if len(learned.placeholders) != 1:
+        return None
+    if reference.check is None:
+        reference.check = LossCheck(
+            model, reference.images, concept.class_word, EncodeConfig(seed=seed)
+        )
+    return reference.check.score(learned.placeholders[0])
+
+
 def _grid_rows(concept, learned, reference, samples, config: EvalConfig, per_prompt: int):
     """Images and labels for one concept in a method's grid: its images, then the identity
     prompt and `grid_edits` prompts."""
@@ -374,6 +404,7 @@ def _summarise(label: str, rows: list[dict], grid: str | None) -> dict:
         "unet_samples_per_concept": _mean([row["unet_samples"] for row in rows]),
         "peak_memory_mib": max(peaks) if peaks else None,
         "sampling_seconds_per_concept": _mean([row["sampling_seconds"] for row in rows]),
+        "check_score": _mean([row.get("check_score") for row in rows]),
         "concepts": len(rows),
         "grid": grid,
         "per_concept": rows,
@@ -509,7 +540,11 @@ def evaluate(
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - started
             peak = peak_memory_mib(device)
-            # 4b. Sample the identity prompt and the concept's prompts.
+            # 4b. The fallback check's score, untimed: a diagnostic, not part of learning.
+            check_score = None
+            if config.check_score:
+                check_score = _check_score(model, concept, reference, learned, config.seed)
+            # 4c. Sample the identity prompt and the concept's prompts.
             started = time.perf_counter()
             templates = [config.identity_prompt, *concept.prompts]
             samples = generate(
@@ -523,8 +558,8 @@ def evaluate(
                 pipeline=pipe,
             )
             sampling_seconds = time.perf_counter() - started
-            # 4c. Score.
-            row = {"concept": concept.name, "word": learned.word}
+            # 4d. Score.
+            row = {"concept": concept.name, "word": learned.word, "check_score": check_score}
             row |= _score(concept, samples, reference, scorers, per_prompt)
             row |= {
                 "seconds": seconds,
@@ -555,6 +590,9 @@ def evaluate(
             grid = f"grids/{_file_name(label)}.png"
             save_grid(grid_images, out / grid, columns=per_prompt, labels=grid_labels)
         results["methods"][label] = _summarise(label, rows, grid)
+        results["methods"][label]["fallback"] = fallback_rates(
+            rows, config.check_threshold, config.right_identity
+        )
         if out is not None:
             _write_outputs(results, out)
     bar.close()
@@ -589,6 +627,9 @@ def run_eval(args: argparse.Namespace) -> int:
         concepts=args.concepts,
         grid_concepts=args.grid_concepts,
         encoder=args.encoder,
+        check_score=not args.no_check_score,
+        check_threshold=args.check_threshold,
+        right_identity=args.right_identity,
         device=args.device,
         quiet=args.quiet,
     )
@@ -633,6 +674,24 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     add("--concepts", type=int, default=None, metavar="N", help="only the first N concepts")
     add("--grid-concepts", type=int, default=defaults.grid_concepts, help="concepts per grid")
     add("--encoder", default=None, metavar="FILE", help="encoder file of the encoder methods")
+    add(
+        "--no-check-score",
+        action="store_true",
+        help="skip scoring each token with oneword encode's loss check",
+    )
+    add(
+        "--check-threshold",
+        type=float,
+        default=defaults.check_threshold,
+        help="threshold whose fallback rates the report gives (default: %(default)s)",
+    )
+    add(
+        "--right-identity",
+        type=float,
+        default=defaults.right_identity,
+        help="a concept is 'right' for the fallback rates at this identity or above "
+        "(default: %(default)s)",
+    )
     add("--device", default=None, help="cpu, cuda, ... (default: CUDA if available)")
     add("--quiet", action="store_true", help="no progress bar")
     add("--out", required=True, type=Path, help="output folder")

@@ -445,3 +445,37 @@ def peak_memory_mib(device: str | torch.device) -> float | None:
     except OSError:
         pass
     return None
+
+
+def fallback_rates(rows: Sequence[dict], threshold: float, right_identity: float) -> dict | None:
+    """How `oneword encode`'s check would decide on one method's tokens.
+
+    Args:
+        rows: per-concept rows with "concept", "identity" and "check_score".
+        threshold: the check falls back when score > threshold.
+        right_identity: a concept is "right" when its identity is >= this, else "wrong".
+
+    Returns:
+        {"threshold", "right_identity", "right", "wrong" (concept counts), "right_flagged",
+        "wrong_flagged" (of those, how many the check sends to the fallback), and the names
+        of the flagged concepts}; None when no row has both a score and an identity.
+    """
+    scored = [r for r in rows if r.get("check_score") is not None and r.get("identity") is not None]
+    if not scored:
+        return None
+    right = [r for r in scored if r["identity"] >= right_identity]
+    wrong = [r for r in scored if r["identity"] < right_identity]
+
+    def flagged(group: list[dict]) -> list[str]:
+        return [r["concept"] for r in group if not r["check_score"] <= threshold]  # NaN flags
+
+    return {
+        "threshold": threshold,
+        "right_identity": right_identity,
+        "right": len(right),
+        "wrong": len(wrong),
+        "right_flagged": len(flagged(right)),
+        "wrong_flagged": len(flagged(wrong)),
+        "flagged_right": flagged(right),
+        "flagged_wrong": flagged(wrong),
+    }

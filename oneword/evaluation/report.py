@@ -86,6 +86,7 @@ def format_table(results: dict) -> str:
             values = method.get("per_attribute") or {}
             cells = [_format(values.get(a), "percent") for a in attributes]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += _fallback_lines(methods)
     lines += [
         "",
         'identity: samples of "a photo of S*" with the concept\'s shape, colour and pattern; '
@@ -96,6 +97,84 @@ def format_table(results: dict) -> str:
         "the CPU).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{part}/{whole} ({100 * part / whole:.0f}%)" if whole else "–"
+
+
+def _fallback_lines(methods: dict) -> list[str]:
+    """The fallback check's table: how often it would fall back on right and wrong tokens."""
+    rated = {label: m["fallback"] for label, m in methods.items() if m.get("fallback")}
+    if not rated:
+        return []
+    first = next(iter(rated.values()))
+    lines = [
+        "",
+        f"Fallback check (`oneword encode --check loss`, falls back when the score > "
+        f"{first['threshold']:g}); a concept is right when its identity is >= "
+        f"{100 * first['right_identity']:.0f}%:",
+        "",
+        "| method | mean score | wrong concepts sent to the fallback | right concepts sent "
+        "to the fallback | wrong ones it sends |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for label, rates in rated.items():
+        caught = ", ".join(rates["flagged_wrong"][:4]) + (
+            ", ..." if len(rates["flagged_wrong"]) > 4 else ""
+        )
+        lines.append(
+            f"| {label} | {_format(methods[label].get('check_score'), 'cosine')} | "
+            f"{_share(rates['wrong_flagged'], rates['wrong'])} | "
+            f"{_share(rates['right_flagged'], rates['right'])} | {caught or '–'} |"
+        )
+    return lines
+
+
+def plot_check(results: dict, path: str | Path) -> Path | None:
+    """Check score against identity, one point per concept and method (None if no scores)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from ..io import atomic_path
+
+    points = {
+        label: [
+            (r["check_score"], r["identity"])
+            for r in method.get("per_concept", [])
+            if r.get("check_score") is not None and r.get("identity") is not None
+        ]
+        for label, method in results["methods"].items()
+    }
+    points = {label: p for label, p in points.items() if p}
+    if not points:
+        return None
+    figure = Figure(figsize=(5.6, 4.6), layout="constrained")
+    FigureCanvasAgg(figure)
+    ax = figure.subplots()
+    for index, (label, values) in enumerate(points.items()):
+        ax.plot(
+            [v[0] for v in values],
+            [v[1] for v in values],
+            "o",
+            color=f"C{index % 10}",
+            alpha=0.7,
+            label=label,
+        )
+    config = results.get("config", {})
+    if config.get("check_threshold") is not None:
+        ax.axvline(config["check_threshold"], color="grey", ls="--", lw=1, label="threshold")
+    if config.get("right_identity") is not None:
+        ax.axhline(config["right_identity"], color="grey", ls=":", lw=1)
+    ax.set_xlabel("check score (denoising loss / class word's; lower is better)")
+    ax.set_ylabel("identity (oracle)")
+    ax.set_title("the fallback check against the oracle, one point per concept")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120)
+    return path
 
 
 def _steps(method: dict) -> float:
@@ -169,7 +248,7 @@ def plot_tradeoff(results: dict, path: str | Path) -> Path | None:
 
 
 def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
-    """Write results.md and tradeoff.png into `out_dir`; returns name -> path written."""
+    """Write results.md, tradeoff.png and check.png into `out_dir`; returns name -> path."""
     from ..io import atomic_write_text
 
     out = Path(out_dir)
@@ -177,4 +256,7 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
     plot = plot_tradeoff(results, out / "tradeoff.png")
     if plot is not None:
         written["plot"] = plot
+    check = plot_check(results, out / "check.png")
+    if check is not None:
+        written["check"] = check
     return written
