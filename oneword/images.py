@@ -414,6 +414,18 @@ def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(array) for array in pixels]
 
 
+def _wrap(text: str, font, width: float) -> list[str]:
+    """Greedy word wrap of `text` to lines at most `width` pixels wide (a longer word
+    stays whole on its own line)."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
 def save_grid(
     images: Sequence[Image.Image],
     path: str | Path,
@@ -449,11 +461,15 @@ def save_grid(
     cell_width = max(image.size[0] for image in images)
     cell_height = max(image.size[1] for image in images)
     font = ImageFont.load_default()
-    label_height = 0
+    label_height, line_height, lines = 0, 0, []
     if labels is not None:
-        # One text line plus a margin; measured on a string with ascenders and descenders.
+        # Labels wider than the grid wrap at spaces, so long captions stay whole; every row
+        # gets the height of the longest label. Line height is measured on a string with
+        # ascenders and descenders.
         top, bottom = font.getbbox("Ag|")[1::2]
-        label_height = int(bottom - top) + 6
+        line_height = int(bottom - top) + 2
+        lines = [_wrap(str(label), font, columns * cell_width - 6) for label in labels]
+        label_height = max(len(wrapped) for wrapped in lines) * line_height + 4
 
     white = (255, 255, 255)
     grid = Image.new("RGB", (columns * cell_width, rows * (label_height + cell_height)), white)
@@ -464,10 +480,10 @@ def save_grid(
         left = column * cell_width + (cell_width - rgb.size[0]) // 2
         top = row * (label_height + cell_height) + label_height + (cell_height - rgb.size[1]) // 2
         grid.paste(rgb, (left, top))
-    for row, label in enumerate(labels or ()):
-        draw.text(
-            (3, row * (label_height + cell_height) + 2), str(label), fill=(0, 0, 0), font=font
-        )
+    for row, wrapped in enumerate(lines):
+        for line_index, line in enumerate(wrapped):
+            y = row * (label_height + cell_height) + 2 + line_index * line_height
+            draw.text((3, y), line, fill=(0, 0, 0), font=font)
 
     # Temporary file beside the target, fsync, rename: never a half-written grid.
     from .io import atomic_path

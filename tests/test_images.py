@@ -566,6 +566,20 @@ def test_save_grid_size_labels_and_no_temp_files(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["labelled.png", "out"]
 
 
+def test_save_grid_wraps_labels_wider_than_the_grid(tmp_path: Path) -> None:
+    images = [solid(RED, (16, 12)) for _ in range(4)]
+    short = save_grid(images, tmp_path / "short.png", columns=2, labels=["a", "b"])
+    caption = "a small red striped star on a blue background, top left"
+    long = save_grid(images, tmp_path / "long.png", columns=2, labels=[caption, "b"])
+    with Image.open(short) as one_line, Image.open(long) as wrapped:
+        assert wrapped.size[0] == one_line.size[0] == 32  # the grid does not widen
+        band = (wrapped.size[1] - 24) // 2  # every row gets the longest label's height
+        line = (one_line.size[1] - 24) // 2
+        assert band >= 3 * line - 8  # a 55-character caption needs several 32 px lines
+        text = np.asarray(wrapped.convert("L"))[:band]
+        assert text[band // 2 :].min() < 128  # text reaches the lower lines
+
+
 def test_save_grid_label_count_must_match_rows(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="2 labels for 3 rows"):
         save_grid([solid(RED)] * 5, tmp_path / "g.png", columns=2, labels=["a", "b"])
