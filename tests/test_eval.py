@@ -474,3 +474,32 @@ def test_a_concept_scores_the_same_alone_or_after_others(tiny_world_dir, world_s
     )
     rows_one = next(iter(load_file(tmp_path / "one" / "embeddings" / "classic-2" / name).values()))
     torch.testing.assert_close(rows_both, rows_one, atol=0, rtol=0)
+
+
+def test_classic_step_counts_share_one_run_and_equal_separate_runs(
+    tiny_world_dir, world_suite, tmp_path
+):
+    # classic:1 and classic:3 in one evaluation: one 3-step run per concept, with a
+    # snapshot at step 1 that must be the rows of a 1-step run (constant lr, one seed).
+    from safetensors.torch import load_file
+
+    def run(methods, out):
+        config = EvalConfig(
+            methods=methods, samples=1, steps=2, concepts=1, device="cpu", quiet=True
+        )
+        return evaluate(str(tiny_world_dir), world_suite, config, tmp_path / out)
+
+    shared = run(("classic:1", "classic:3"), "shared")
+    alone = run(("classic:1",), "alone")
+    name = f"{HELD_OUT[0].name}.safetensors"
+
+    def rows(out, label):
+        state = load_file(str(tmp_path / out / "embeddings" / label / name))
+        return torch.cat([value.flatten() for value in state.values()])
+
+    assert torch.equal(rows("shared", "classic-1"), rows("alone", "classic-1"))
+    assert not torch.equal(rows("shared", "classic-1"), rows("shared", "classic-3"))
+    one, three = (shared["methods"][m]["per_concept"][0] for m in ("classic:1", "classic:3"))
+    assert (one["unet_forward_passes"], three["unet_forward_passes"]) == (1, 3)
+    assert one["cost"]["shared_run_steps"] == 3 and 0 < one["seconds"] < three["seconds"]
+    assert shared["methods"]["classic:1"]["identity"] == alone["methods"]["classic:1"]["identity"]

@@ -161,6 +161,28 @@ def test_resume_is_bitwise_exact(tiny_sd1_dir, tmp_path):
     ]
 
 
+def test_snapshots_equal_shorter_runs(tiny_sd1_dir):
+    # The rows at step n of a longer run are the rows of an n-step run (constant lr, one
+    # seed): one run gives the identity-vs-steps curve.
+    long = invert(
+        load_model(tiny_sd1_dir, device="cpu"), _images(), "<t>", "dog", _config(steps=5),
+        snapshots=[2, 5],
+    )  # fmt: skip
+    short = invert(
+        load_model(tiny_sd1_dir, device="cpu"), _images(), "<t>", "dog", _config(steps=2)
+    )
+    assert sorted(long.snapshots) == [2, 5]
+    (rows_2, seconds_2), (rows_5, seconds_5) = long.snapshots[2], long.snapshots[5]
+    assert all(torch.equal(a, b) for a, b in zip(rows_2, short.vectors))
+    assert all(torch.equal(a, b) for a, b in zip(rows_5, long.vectors))
+    assert not torch.equal(rows_2[0], rows_5[0]) and 0 < seconds_2 < seconds_5
+    with pytest.raises(OnewordError, match=r"snapshot steps \[3, 9\] must lie in 1..--steps \(5\)"):
+        invert(
+            load_model(tiny_sd1_dir, device="cpu"), _images(), "<t>", "dog", _config(steps=5),
+            snapshots=[9, 3],
+        )  # fmt: skip
+
+
 def test_resume_without_a_checkpoint_is_an_error(sd1, tmp_path):
     with pytest.raises(OnewordError, match="no checkpoint"):
         invert(sd1, _images(), "<t>", "dog", _config(), tmp_path / "empty", resume=True)

@@ -130,6 +130,12 @@ class MethodRun:
     seed: int
     quiet: bool = True
     encoder: str | None = None  # EvalConfig.encoder, for the encoder methods
+    # The ARGs that every label of this method name has in the run ("classic:50,classic:500"
+    # -> ("50", "500")), and a dict shared by all methods and concepts of one evaluation:
+    # classic inversion learns each concept once, to the longest step count, and keeps a
+    # snapshot of the rows at every other.
+    siblings: tuple = ()
+    shared: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -178,35 +184,76 @@ def _classword(model, concept, run: MethodRun) -> LearnedToken:
     return LearnedToken(concept.class_word, [], {"unet_forward_passes": 0, "unet_samples": 0})
 
 
+def _classic_run(model, concept, run: MethodRun) -> dict:
+    """One classic run per concept for every "classic:STEPS" of the evaluation.
+
+    With a constant lr and one seed, the rows at step n of a longer run are exactly those
+    of an n-step run (the data, timesteps and noise of each step come from the same
+    generator), so the run goes to the longest step count and keeps snapshots at the
+    others, with the seconds it had taken by then: an identity-vs-steps curve costs one run.
+    """
+    from ..inversion import InversionConfig, invert
+
+    key = ("classic", concept.name)
+    if key not in run.shared:
+        default = InversionConfig().steps
+        wanted = {_classic_steps(arg) or default for arg in (run.siblings or (run.arg,))}
+        config = InversionConfig(seed=run.seed, samples=False, quiet=True, steps=max(wanted))
+        result = invert(
+            model,
+            run.images,
+            f"{run.token}-run",  # a scratch word: each label gets its own copy of its rows
+            concept.class_word,
+            config,
+            class_word=concept.class_word,
+            snapshots=sorted(wanted),
+        )
+        run.shared[key] = {"result": result, "config": config}
+    return run.shared[key]
+
+
+def _loss_ema(losses: list, beta: float) -> float | None:
+    """The smoothed loss after `losses` (skipped steps are None), as the optimizer keeps it."""
+    ema = None
+    for value in losses:
+        if value is not None:
+            ema = value if ema is None else beta * ema + (1 - beta) * value
+    return ema
+
+
 def _classic(model, concept, run: MethodRun) -> LearnedToken:
     """Classic textual inversion (Gal et al.), initialised from the class word; "classic:STEPS"."""
     from ..embeddings import TokenEmbedding
-    from ..inversion import InversionConfig, invert
+    from ..inversion import InversionConfig
+    from ..tokens import add_placeholder
 
-    config = InversionConfig(seed=run.seed, samples=False, quiet=True)
-    steps = _classic_steps(run.arg)
-    if steps is not None:
-        config.steps = steps
-    result = invert(
-        model, run.images, run.token, concept.class_word, config, class_word=concept.class_word
+    steps = _classic_steps(run.arg) or InversionConfig().steps
+    shared = _classic_run(model, concept, run)
+    result, config = shared["result"], shared["config"]
+    vectors, seconds = result.snapshots[steps]
+    done = min(steps, result.log["steps_done"])  # fewer after an early stop
+    placeholder = add_placeholder(
+        model, run.token, concept.class_word, config.vectors, init_rows=vectors
     )
     cost = {
-        "unet_forward_passes": result.log["unet_forward_passes"],
-        "unet_samples": result.log["unet_samples"],
-        "steps": result.log["steps_done"],
-        "final_loss_ema": result.log["final_loss_ema"],
+        "unet_forward_passes": done,  # one UNet call per step (batch = config.batch)
+        "unet_samples": done * config.batch,
+        "steps": done,
+        "final_loss_ema": _loss_ema(result.log["loss"][:done], config.ema_beta),
+        "seconds": seconds,
+        "shared_run_steps": result.log["steps_done"],
     }
     metadata = {
         "base_model": str(model.source),
         "model_family": model.family,
         "method": "classic",
-        "steps": str(result.log["steps_done"]),
+        "steps": str(done),
         "init_text": concept.class_word,
         "concept": concept.name,
-        "config": json.dumps(asdict(config)),
+        "config": json.dumps({**asdict(config), "steps": steps}),
     }
-    embedding = TokenEmbedding(run.token, result.vectors, metadata)
-    return LearnedToken(run.token, [result.placeholder], cost, embedding)
+    embedding = TokenEmbedding(run.token, vectors, metadata)
+    return LearnedToken(run.token, [placeholder], cost, embedding)
 
 
 METHODS: dict[str, MethodFn] = {"classword": _classword, "classic": _classic}
@@ -518,8 +565,10 @@ def evaluate(
 
     # 4. Every method over every concept; the same sample seeds for all of them.
     per_prompt = config.samples
+    shared: dict = {}  # what methods share within this evaluation (see MethodRun)
     bar = tqdm(total=len(methods) * len(concepts), disable=config.quiet, unit="concept")
     for method_index, (label, fn, arg) in enumerate(methods):
+        name = label.partition(":")[0]
         bar.set_description(label)
         rows, grid_images, grid_labels = [], [], []
         for concept_index, (concept, reference) in enumerate(zip(concepts, references)):
@@ -529,6 +578,8 @@ def evaluate(
                 reference.images,
                 config.seed,
                 encoder=config.encoder,
+                siblings=tuple(a for (lb, _, a) in methods if lb.partition(":")[0] == name),
+                shared=shared,
             )
             # 4a. Learn, timed, with the peak memory of learning alone.
             reset_peak_memory(device)
@@ -538,7 +589,8 @@ def evaluate(
             learned = fn(model, concept, run)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - started
+            # A method that shares work across labels reports its own learning time.
+            seconds = learned.cost.get("seconds", time.perf_counter() - started)
             peak = peak_memory_mib(device)
             # 4b. The fallback check's score, untimed: a diagnostic, not part of learning.
             check_score = None

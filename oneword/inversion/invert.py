@@ -162,6 +162,8 @@ class InversionResult:
         vectors: per text encoder, the learned (K, d) fp32 rows (CPU copies).
         log: the contents of log.json.
         files: name -> Path of each file written ("embedding", "samples", "log").
+        snapshots: step -> (rows per text encoder at that step, seconds from the start of
+            `invert` to that step), for the steps asked for with `snapshots=`.
     """
 
     token: str
@@ -169,6 +171,7 @@ class InversionResult:
     vectors: list[torch.Tensor]
     log: dict
     files: dict = field(default_factory=dict)
+    snapshots: dict[int, tuple[list[torch.Tensor], float]] = field(default_factory=dict)
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -389,8 +392,13 @@ def _train(
     checkpoint_dir=None,
     resume=False,
     clip=None,
+    snapshots: dict[int, tuple] | None = None,
 ) -> dict:
-    """Optimise the concepts' rows together; returns timing and counters for log.json."""
+    """Optimise the concepts' rows together; returns timing and counters for log.json.
+
+    `snapshots` (one concept only): a dict whose keys are steps; each is filled with
+    (rows per text encoder, time.perf_counter() at that step) when the run passes it.
+    """
     # 1. The optimizer sees exactly these placeholders' rows: one leaf per concept and text
     # encoder, written into the shared `rows` parameter before each forward. Rows of other
     # placeholders in the model are never written and carry no optimizer state.
@@ -508,6 +516,9 @@ def _train(
                 log.info("%s: loss plateaued, stopped at step %d", concept.token, step + 1)
         optimizer.step()
         step += 1
+        if snapshots is not None and step in snapshots:
+            rows = [leaf.detach().cpu().clone() for leaf in concepts[0].leaves]
+            snapshots[step] = (rows, time.perf_counter())
 
         # 8. Log and checkpoint.
         step_seconds.append(time.perf_counter() - tic)
@@ -669,6 +680,7 @@ def invert(
     class_word: str | None = None,
     resume: bool = False,
     warm_start=None,
+    snapshots: Sequence[int] = (),
 ) -> InversionResult:
     """Learn one placeholder token for a concept (Gal et al., 2023).
 
@@ -683,12 +695,19 @@ def invert(
         class_word: the class word for the cue ("a photo of a <my-cat> cat").
         resume: continue from the latest checkpoint in out_dir/checkpoints (required to exist).
         warm_start: a `TokenEmbedding` or an embedding file to start from instead of init_text.
+        snapshots: steps at which to keep a copy of the rows (`InversionResult.snapshots`).
+            With a constant lr and one seed, the rows at step n of a longer run are those of
+            an n-step run, so one run gives a whole identity-vs-steps curve.
 
     Returns:
         `InversionResult`; `vectors` per text encoder (K, d) fp32.
     """
+    started = time.perf_counter()
     config = config or InversionConfig()
     config.check()
+    wanted = sorted({int(s) for s in snapshots})
+    if wanted and not 1 <= wanted[0] <= wanted[-1] <= config.steps:
+        raise OnewordError(f"snapshot steps {wanted} must lie in 1..--steps ({config.steps})")
     out = Path(out_dir) if out_dir is not None else None
     if resume and out is None:
         raise OnewordError("--resume needs the --out folder of the run to continue")
@@ -704,7 +723,25 @@ def invert(
         model, spec, config, templates, clip, _warm_rows(warm_start, token, config, model)
     )
 
-    run = _train(model, [concept], config, checkpoint_dir=checkpoints, resume=resume, clip=clip)
+    wanted_rows: dict[int, tuple | None] = dict.fromkeys(wanted)
+    run = _train(
+        model,
+        [concept],
+        config,
+        checkpoint_dir=checkpoints,
+        resume=resume,
+        clip=clip,
+        snapshots=wanted_rows if wanted else None,
+    )
+    # A run that stopped early keeps its final rows at the later snapshot steps; steps
+    # before a resumed run's start were not seen by this process and are left out.
+    finished = time.perf_counter()
+    taken = {}
+    for step, value in wanted_rows.items():
+        if value is None and step > run["steps_done"]:
+            value = ([leaf.detach().cpu().clone() for leaf in concept.leaves], finished)
+        if value is not None:
+            taken[step] = (value[0], value[1] - started)
 
     data = _concept_log(model, concept, config, run)
     files = {}
@@ -718,7 +755,7 @@ def invert(
         data["files"] = {name: str(path) for name, path in files.items()}
         _write_json(out / "log.json", data)
     vectors = [leaf.detach().cpu().clone() for leaf in concept.leaves]
-    return InversionResult(token, concept.placeholder, vectors, data, files)
+    return InversionResult(token, concept.placeholder, vectors, data, files, taken)
 
 
 def _folder_name(name: str) -> str:
