@@ -198,6 +198,42 @@ def test_latent_pool_is_seeded_and_draws_fresh_captions(tiny_world_dir):
     assert torch.equal(first[0], again[0]) and first[1] == again[1]
 
 
+def test_latent_pool_cache_is_reused_only_for_the_same_vae_and_settings(
+    tiny_world_dir, tmp_path, monkeypatch
+):
+    from diffusers import AutoencoderKL
+
+    from oneword.world import train
+
+    vae = AutoencoderKL.from_pretrained(tiny_world_dir / "vae").eval()
+    cpu, cache = torch.device("cpu"), tmp_path / "pool.safetensors"
+    fresh = train.LatentPool(vae, 10, seed=3, resolution=64, device=cpu)
+    first = train.LatentPool(vae, 10, seed=3, resolution=64, device=cpu, cache=cache)
+    assert cache.is_file() and torch.equal(first.mean, fresh.mean)
+
+    encoded = []
+    real_render = train.world.render
+    monkeypatch.setattr(
+        train.world, "render", lambda *a, **k: encoded.append(1) or real_render(*a, **k)
+    )
+    again = train.LatentPool(vae, 10, seed=3, resolution=64, device=cpu, cache=cache)
+    assert not encoded  # loaded, not re-encoded
+    assert torch.equal(again.mean, fresh.mean) and torch.equal(again.std, fresh.std)
+    assert [s.shape for s in again.scenes] == [s.shape for s in fresh.scenes]
+
+    other_seed = train.LatentPool(vae, 10, seed=4, resolution=64, device=cpu, cache=cache)
+    assert encoded and not torch.equal(other_seed.mean, fresh.mean)
+    with torch.no_grad():  # another VAE: the cache (now of seed 4) must not be used either
+        next(vae.parameters()).add_(0.5)
+    encoded.clear()
+    train.LatentPool(vae, 10, seed=4, resolution=64, device=cpu, cache=cache)
+    assert encoded
+    cache.write_bytes(b"damaged")  # an unreadable cache only costs the encoding
+    encoded.clear()
+    damaged = train.LatentPool(vae, 10, seed=3, resolution=64, device=cpu, cache=cache)
+    assert encoded and damaged.mean.shape == (10, 4, 16, 16)
+
+
 def test_oracle_can_start_from_a_previous_oracle(tiny_world_dir, tmp_path):
     import shutil
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
+import logging
 import math
 import random
 import time
@@ -33,6 +35,8 @@ from tqdm.auto import tqdm
 from ..datasets import world
 from ..io import atomic_path, atomic_write_text
 from .oracle import Oracle, OracleConfig, oracle_accuracy
+
+log = logging.getLogger("oneword.world")
 
 STAGES = ("clip", "vae", "oracle", "unet")
 # Run only when named in --stages, after the VAE: more decoder training with the encoder
@@ -221,24 +225,50 @@ class Batches:
 
 class LatentPool:
     """A fixed set of scenes encoded once by the frozen VAE; batches draw from it with fresh
-    captions. Rebuilt from the seed on resume (the draw position lives in `Batches`)."""
+    captions. Rebuilt from the seed on resume (the draw position lives in `Batches`).
 
-    def __init__(self, vae, size: int, seed: int, resolution: int, device: torch.device):
+    With `cache` (a .safetensors path), the encoded posteriors are saved there and a later
+    run with the same size, seed, resolution and VAE weights loads them instead of
+    re-encoding (the scenes are re-drawn from the seed, which is cheap): a resumed UNet
+    stage starts in seconds, not minutes.
+    """
+
+    def __init__(
+        self,
+        vae,
+        size: int,
+        seed: int,
+        resolution: int,
+        device: torch.device,
+        cache: str | Path | None = None,
+    ):
         generator = torch.Generator().manual_seed(seed)
-        self.scenes: list = []
-        means, stds = [], []
         chunk = 256
+        chunks = [
+            world.sample_scenes(min(chunk, size - s), generator) for s in range(0, size, chunk)
+        ]
+        self.scenes: list = [scene for part in chunks for scene in part]
+        key = {"size": str(size), "seed": str(seed), "resolution": str(resolution),
+               "vae": _fingerprint(vae)}  # fmt: skip
+        cached = _load_pool(cache, key) if cache is not None else None
+        if cached is not None:
+            self.mean, self.std = (t.to(device) for t in cached)
+            return
+        means, stds = [], []
         with torch.no_grad():
-            for start in tqdm(range(0, size, chunk), desc="encode latent pool", leave=False):
-                scenes = world.sample_scenes(min(chunk, size - start), generator)
-                posterior = vae.encode(
-                    to_unit(world.render(scenes, resolution, device=device))
-                ).latent_dist
-                self.scenes += scenes
+            for scenes in tqdm(chunks, desc="encode latent pool", leave=False):
+                pixels = to_unit(world.render(scenes, resolution, device=device))
+                posterior = vae.encode(pixels).latent_dist
                 means.append(posterior.mean)
                 stds.append(posterior.std)
         self.mean = torch.cat(means)  # (size, 4, h, w)
         self.std = torch.cat(stds)
+        if cache is not None:
+            from safetensors.torch import save_file
+
+            with atomic_path(Path(cache)) as tmp:
+                tensors = {"mean": self.mean.cpu().contiguous(), "std": self.std.cpu().contiguous()}
+                save_file(tensors, str(tmp), metadata=key)
 
     def next(self, batches: Batches, n: int, drop_prob: float):
         index = torch.randint(len(self.scenes), (n,), generator=batches.generator)
@@ -247,6 +277,33 @@ class LatentPool:
         index = index.to(self.mean.device)
         mean = self.mean[index]
         return mean + self.std[index] * torch.randn_like(mean), captions
+
+
+def _fingerprint(module: torch.nn.Module) -> str:
+    """A digest of a module's weights (which VAE encoded a cached pool)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _load_pool(path: str | Path, key: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The cached (mean, std) when `path` holds a pool made with `key`, else None."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if f.metadata() != key:
+                log.info("latent pool cache %s is for other settings: re-encoding", path)
+                return None
+            return f.get_tensor("mean"), f.get_tensor("std")
+    except Exception as exc:  # a damaged cache only costs the re-encoding
+        log.warning("latent pool cache %s is unreadable (%s): re-encoding", path, exc)
+        return None
 
 
 def to_unit(pixels: torch.Tensor) -> torch.Tensor:
@@ -859,7 +916,14 @@ def train_unet(cfg: WorldTrainConfig, device: torch.device) -> dict:
     )
     alphas = noise_scheduler.alphas_cumprod.to(device)
     pool = (
-        LatentPool(vae, cfg.unet_pool, cfg.seed + 7, cfg.resolution, device)
+        LatentPool(
+            vae,
+            cfg.unet_pool,
+            cfg.seed + 7,
+            cfg.resolution,
+            device,
+            state.folder / "pool.safetensors",
+        )
         if cfg.unet_pool
         else None
     )
