@@ -212,19 +212,11 @@ def _classic_run(model, concept, run: MethodRun) -> dict:
     return run.shared[key]
 
 
-def _loss_ema(losses: list, beta: float) -> float | None:
-    """The smoothed loss after `losses` (skipped steps are None), as the optimizer keeps it."""
-    ema = None
-    for value in losses:
-        if value is not None:
-            ema = value if ema is None else beta * ema + (1 - beta) * value
-    return ema
-
-
 def _classic(model, concept, run: MethodRun) -> LearnedToken:
     """Classic textual inversion (Gal et al.), initialised from the class word; "classic:STEPS"."""
     from ..embeddings import TokenEmbedding
     from ..inversion import InversionConfig
+    from ..inversion.invert import smoothed_loss
     from ..tokens import add_placeholder
 
     steps = _classic_steps(run.arg) or InversionConfig().steps
@@ -239,7 +231,7 @@ def _classic(model, concept, run: MethodRun) -> LearnedToken:
         "unet_forward_passes": done,  # one UNet call per step (batch = config.batch)
         "unet_samples": done * config.batch,
         "steps": done,
-        "final_loss_ema": _loss_ema(result.log["loss"][:done], config.ema_beta),
+        "final_loss_ema": smoothed_loss(None, result.log["loss"][:done], config.ema_beta),
         "seconds": seconds,
         "shared_run_steps": result.log["steps_done"],
     }
@@ -569,6 +561,7 @@ def evaluate(
     bar = tqdm(total=len(methods) * len(concepts), disable=config.quiet, unit="concept")
     for method_index, (label, fn, arg) in enumerate(methods):
         name = label.partition(":")[0]
+        siblings = tuple(a for (other, _, a) in methods if other.partition(":")[0] == name)
         bar.set_description(label)
         rows, grid_images, grid_labels = [], [], []
         for concept_index, (concept, reference) in enumerate(zip(concepts, references)):
@@ -578,7 +571,7 @@ def evaluate(
                 reference.images,
                 config.seed,
                 encoder=config.encoder,
-                siblings=tuple(a for (lb, _, a) in methods if lb.partition(":")[0] == name),
+                siblings=siblings,
                 shared=shared,
             )
             # 4a. Learn, timed, with the peak memory of learning alone.

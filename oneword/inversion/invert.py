@@ -319,6 +319,15 @@ def _row_offsets(model, placeholder: Placeholder) -> list[list[int]]:
     ]
 
 
+def smoothed_loss(ema: float | None, losses: Sequence[float | None], beta: float) -> float | None:
+    """The loss EMA that early stopping and the logs use, advanced over `losses` (skipped,
+    non-finite steps are None); the first finite value starts it."""
+    for value in losses:
+        if value is not None:
+            ema = value if ema is None else beta * ema + (1 - beta) * value
+    return ema
+
+
 def _l2_pull(model, concept: _Concept) -> torch.Tensor:
     """mean_k ||v_k - v_k^init||^2, summed over text encoders (differentiable)."""
     total = 0.0
@@ -502,11 +511,7 @@ def _train(
                 continue
             concept.nonfinite_in_row = 0
             # 7. Early stopping on a plateau of the EMA-smoothed loss.
-            concept.ema = (
-                value
-                if concept.ema is None
-                else (config.ema_beta * concept.ema + (1 - config.ema_beta) * value)
-            )
+            concept.ema = smoothed_loss(concept.ema, [value], config.ema_beta)
             if concept.ema < concept.best_ema - config.min_delta:
                 concept.best_ema, concept.since_best = concept.ema, 0
             else:
