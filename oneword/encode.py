@@ -285,11 +285,12 @@ class ClipCheck:
     Lower is better; 1.0 = as close to the images as the class word's samples.
     """
 
-    def __init__(self, model, images, class_word: str, config: EncodeConfig):
+    def __init__(self, model, images, class_word: str, config: EncodeConfig, scorer=None):
+        """`scorer`: a loaded CLIP scorer to reuse (`oneword eval`); None loads `config.clip`."""
         from .evaluation.metrics import load_clip_scorer
 
         folder = model.extra.get("folder") if isinstance(model.extra, dict) else None
-        self.scorer = load_clip_scorer(config.clip, folder, model.device)
+        self.scorer = scorer or load_clip_scorer(config.clip, folder, model.device)
         if self.scorer is None:
             raise OnewordError(
                 f"--check clip needs a CLIP: {model.source} has no image_encoder/ CLIP; pass "

@@ -503,3 +503,45 @@ def test_classic_step_counts_share_one_run_and_equal_separate_runs(
     assert (one["unet_forward_passes"], three["unet_forward_passes"]) == (1, 3)
     assert one["cost"]["shared_run_steps"] == 3 and 0 < one["seconds"] < three["seconds"]
     assert shared["methods"]["classic:1"]["identity"] == alone["methods"]["classic:1"]["identity"]
+
+
+def test_clip_check_scores_are_oneword_encodes(tiny_world_dir, world_suite, tmp_path):
+    # --check clip: each token's score is what `oneword encode --check clip` computes for the
+    # same rows and images (samples of "a photo of a S*" against the class word's).
+    from oneword.embeddings import load_into_model
+    from oneword.encode import ClipCheck, EncodeConfig
+    from oneword.images import load_images
+    from oneword.models import load_model
+
+    config = EvalConfig(
+        methods=("classic:2",),
+        samples=1,
+        steps=2,
+        concepts=1,
+        check="clip",
+        quiet=True,
+        device="cpu",
+    )
+    results = evaluate(str(tiny_world_dir), world_suite, config, tmp_path / "e")
+    row = results["methods"]["classic:2"]["per_concept"][0]
+    assert results["config"]["check"] == "clip"
+    assert "`oneword encode --check clip`" in (tmp_path / "e" / "results.md").read_text()
+
+    model = load_model(str(tiny_world_dir), device="cpu")
+    placeholder = load_into_model(
+        model,
+        tmp_path / "e" / "embeddings" / "classic-2" / f"{HELD_OUT[0].name}.safetensors",
+        token="<again>",
+    )
+    images = load_images(world_suite / HELD_OUT[0].name, model.resolution)
+    class_word = json.loads((world_suite / HELD_OUT[0].name / "concept.json").read_text())[
+        "class_word"
+    ]
+    check = ClipCheck(model, images, class_word, EncodeConfig(check="clip"))
+    assert row["check_score"] == pytest.approx(check.score(placeholder), rel=1e-4)
+    assert row["check_score"] != pytest.approx(1.0, abs=1e-6)  # not the class word's own
+
+
+def test_eval_refuses_an_unknown_check():
+    with pytest.raises(OnewordError, match="--check must be loss, clip or none"):
+        EvalConfig(check="oracle").check_values()

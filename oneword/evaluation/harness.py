@@ -74,17 +74,19 @@ class EvalConfig:
     grid_edits: int = 2
     # The encoder file of the "encoder" methods; None = checkpoints/world-encoder.safetensors.
     encoder: str | None = None
-    # Score every learned token with `oneword encode`'s loss check (its denoising loss on the
-    # concept's images relative to the class word's; lower is better), outside the timed
+    # Score every learned token with one of `oneword encode`'s checks, outside the timed
     # learning, so the report can say how well the check separates good tokens from bad
-    # ones: a concept counts as "right" when its identity is >= right_identity.
-    check_score: bool = True
+    # ones: "loss" (denoising loss on the concept's images relative to the class word's),
+    # "clip" (CLIP image distance of "a photo of a S*" samples relative to the class
+    # word's) or "none". Lower is better for both; a concept counts as "right" when its
+    # identity is >= right_identity.
+    check: str = "loss"
     check_threshold: float = 1.0  # the threshold whose fallback rates the report gives
     right_identity: float = 0.5
     device: str | None = None
     quiet: bool = False
 
-    def check(self) -> None:
+    def check_values(self) -> None:
         """Raise `OnewordError` for values that cannot work."""
         for name in ("samples", "steps", "grid_concepts"):
             value = getattr(self, name)
@@ -94,6 +96,8 @@ class EvalConfig:
                 )
         if self.seed < 0:
             raise OnewordError(f"--seed must be >= 0, got {self.seed}")
+        if self.check not in ("loss", "clip", "none"):
+            raise OnewordError(f"--check must be loss, clip or none, got {self.check!r}")
         if not self.check_threshold >= 0:  # also refuses NaN
             raise OnewordError(f"--check-threshold must be >= 0, got {self.check_threshold}")
         if not 0 < self.right_identity <= 1:
@@ -346,7 +350,7 @@ class _Reference:
     images: list[Image.Image]
     clip: torch.Tensor | None  # (n, p)
     dino: torch.Tensor | None  # (n, q)
-    check: object | None = None  # the concept's `LossCheck`, made on first use
+    check: object | None = None  # the concept's `LossCheck` or `ClipCheck`, made on first use
 
 
 @dataclass
@@ -392,20 +396,27 @@ def _score(
     return row
 
 
-def _check_score(model, concept, reference: _Reference, learned, seed: int) -> float | None:
-    """`oneword encode`'s loss check of a learned token (None for a plain word).
+def _check_score(
+    model, concept, reference: _Reference, learned, config: EvalConfig, clip
+) -> float | None:
+    """`oneword encode`'s check (`config.check`) of a learned token (None for a plain word).
 
-    The check's draws and class-word loss depend only on the concept and the seed, so they
-    are made once per concept (`reference.check`) and shared by every method.
+    The check's class-word half (the loss check's draws and class-word loss, the CLIP
+    check's class-word samples) depends only on the concept and the seed, so it is made
+    once per concept (`reference.check`) and shared by every method.
     """
-    from ..encode import EncodeConfig, LossCheck
+    from ..encode import ClipCheck, EncodeConfig, LossCheck
 
     if len(learned.placeholders) != 1:
         return None
     if reference.check is None:
-        reference.check = LossCheck(
-            model, reference.images, concept.class_word, EncodeConfig(seed=seed)
-        )
+        settings = EncodeConfig(seed=config.seed, check=config.check)
+        if config.check == "clip":
+            reference.check = ClipCheck(
+                model, reference.images, concept.class_word, settings, scorer=clip
+            )
+        else:
+            reference.check = LossCheck(model, reference.images, concept.class_word, settings)
     return reference.check.score(learned.placeholders[0])
 
 
@@ -493,7 +504,7 @@ def evaluate(
 
     # 1. Check everything cheap before the model loads: config, methods, suite.
     config = config or EvalConfig()
-    config.check()
+    config.check_values()
     methods = parse_methods(config.methods)
     concepts = read_suite(suite)[: config.concepts]
     out = Path(out_dir) if out_dir is not None else None
@@ -587,8 +598,8 @@ def evaluate(
             peak = peak_memory_mib(device)
             # 4b. The fallback check's score, untimed: a diagnostic, not part of learning.
             check_score = None
-            if config.check_score:
-                check_score = _check_score(model, concept, reference, learned, config.seed)
+            if config.check != "none":
+                check_score = _check_score(model, concept, reference, learned, config, scorers.clip)
             # 4c. Sample the identity prompt and the concept's prompts.
             started = time.perf_counter()
             templates = [config.identity_prompt, *concept.prompts]
@@ -672,7 +683,7 @@ def run_eval(args: argparse.Namespace) -> int:
         concepts=args.concepts,
         grid_concepts=args.grid_concepts,
         encoder=args.encoder,
-        check_score=not args.no_check_score,
+        check="none" if args.no_check_score else args.check,
         check_threshold=args.check_threshold,
         right_identity=args.right_identity,
         device=args.device,
@@ -720,10 +731,13 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     add("--grid-concepts", type=int, default=defaults.grid_concepts, help="concepts per grid")
     add("--encoder", default=None, metavar="FILE", help="encoder file of the encoder methods")
     add(
-        "--no-check-score",
-        action="store_true",
-        help="skip scoring each token with oneword encode's loss check",
+        "--check",
+        choices=("loss", "clip", "none"),
+        default=defaults.check,
+        help="score every token with this oneword encode check, untimed, and report its "
+        "fallback rates (default: %(default)s)",
     )
+    add("--no-check-score", action="store_true", help="the same as --check none")
     add(
         "--check-threshold",
         type=float,

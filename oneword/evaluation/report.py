@@ -86,7 +86,7 @@ def format_table(results: dict) -> str:
             values = method.get("per_attribute") or {}
             cells = [_format(values.get(a), "percent") for a in attributes]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += _fallback_lines(methods)
+    lines += _fallback_lines(methods, _check_name(results))
     lines += [
         "",
         'identity: samples of "a photo of S*" with the concept\'s shape, colour and pattern; '
@@ -103,7 +103,18 @@ def _share(part: int, whole: int) -> str:
     return f"{part}/{whole} ({100 * part / whole:.0f}%)" if whole else "–"
 
 
-def _fallback_lines(methods: dict) -> list[str]:
+_CHECK_AXIS = {
+    "loss": "denoising loss / class word's",
+    "clip": "CLIP image distance of samples / class word's",
+}
+
+
+def _check_name(results: dict) -> str:
+    """The check the scores come from ("loss" in results written before --check existed)."""
+    return results.get("config", {}).get("check") or "loss"
+
+
+def _fallback_lines(methods: dict, check: str = "loss") -> list[str]:
     """The fallback check's table: how often it would fall back on right and wrong tokens."""
     rated = {label: m["fallback"] for label, m in methods.items() if m.get("fallback")}
     if not rated:
@@ -111,7 +122,7 @@ def _fallback_lines(methods: dict) -> list[str]:
     first = next(iter(rated.values()))
     lines = [
         "",
-        f"Fallback check (`oneword encode --check loss`, falls back when the score > "
+        f"Fallback check (`oneword encode --check {check}`, falls back when the score > "
         f"{first['threshold']:g}); a concept is right when its identity is >= "
         f"{100 * first['right_identity']:.0f}%:",
         "",
@@ -166,7 +177,8 @@ def plot_check(results: dict, path: str | Path) -> Path | None:
         ax.axvline(config["check_threshold"], color="grey", ls="--", lw=1, label="threshold")
     if config.get("right_identity") is not None:
         ax.axhline(config["right_identity"], color="grey", ls=":", lw=1)
-    ax.set_xlabel("check score (denoising loss / class word's; lower is better)")
+    axis = _CHECK_AXIS.get(_check_name(results), "score")
+    ax.set_xlabel(f"check score ({axis}; lower is better)")
     ax.set_ylabel("identity (oracle)")
     ax.set_title("the fallback check against the oracle, one point per concept")
     ax.grid(True, alpha=0.3)
