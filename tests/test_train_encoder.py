@@ -128,6 +128,18 @@ def test_distillation_and_feature_cache_on_folder_data(tiny_world_dir, tmp_path)
     # 4 images per identity, 2 seen per example: by step 3 most reads are cache hits.
     assert train[-1]["cache"]["hits"] > 0
     assert (cache / "cache.json").is_file() and any((cache / "tower").rglob("*.safetensors"))
+    (reach,) = _records(tmp_path / "run", "distill_targets")
+    assert reach["count"] == 2 and reach["offset_scale"] == 1.0
+
+
+def test_target_reach_measures_targets_in_class_word_norms():
+    c = [torch.tensor([[3.0, 4.0]])]  # ||c|| = 5
+    targets = {"near": [torch.tensor([[3.0, 9.0]])], "far": [torch.tensor([[3.0, 34.0]])]}
+    reach = train_encoder.target_reach(targets, c, offset_scale=2.0)
+    assert reach["offset_over_class_norm"]["min"] == pytest.approx(1.0)  # 5 / 5
+    assert reach["offset_over_class_norm"]["max"] == pytest.approx(6.0)  # 30 / 5
+    assert reach["beyond_offset_scale"] == pytest.approx(0.5)  # "far" only
+    assert train_encoder.target_reach({}, c, 2.0) is None
 
 
 def test_tensorboard_is_optional(tiny_world_dir, tmp_path, capsys):
