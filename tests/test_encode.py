@@ -30,7 +30,8 @@ from oneword.errors import OnewordError
 from oneword.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = dict(check_draws=4, samples=False, quiet=True)  # small settings for every call
+# Small settings for every call; the loss check unless a test says otherwise.
+FAST = dict(check="loss", check_draws=4, samples=False, quiet=True)
 
 
 def _train_encoder_module():
@@ -180,9 +181,28 @@ def test_an_untrained_encoder_scores_exactly_the_class_word(model, tower, concep
     assert result.path_taken == "encoder" and result.log["fallback"] is None
 
 
+def test_auto_check_is_clip_where_the_model_has_a_clip_else_loss(tiny_world_dir, tiny_sd1_dir):
+    from types import SimpleNamespace
+
+    from oneword.encode import THRESHOLDS, resolve_check
+
+    world = SimpleNamespace(extra={"folder": str(tiny_world_dir)})
+    plain = SimpleNamespace(extra={"folder": str(tiny_sd1_dir)})
+    auto = EncodeConfig()
+    assert auto.check == "auto" and auto.threshold is None
+    resolved = resolve_check(auto, world)
+    assert (resolved.check, resolved.threshold) == ("clip", THRESHOLDS["clip"]) == ("clip", 0.8)
+    resolved = resolve_check(auto, plain)
+    assert (resolved.check, resolved.threshold) == ("loss", 1.0)
+    # --clip makes a CLIP available to any model; an explicit threshold is kept.
+    assert resolve_check(EncodeConfig(clip="open_clip:ViT-B-32"), plain).check == "clip"
+    assert resolve_check(EncodeConfig(threshold=0.9), world).threshold == 0.9
+    assert resolve_check(EncodeConfig(check="none"), world).check == "none"
+
+
 def test_clip_check_scores_samples_against_the_images(model, tower, concept_images):
     encoder = _untrained(tower, model)
-    settings = dict(FAST, sample_steps=2, sample_seeds=2)
+    settings = dict(FAST, check="clip", sample_steps=2, sample_seeds=2)
     result = encode(
         model,
         encoder,
@@ -191,7 +211,6 @@ def test_clip_check_scores_samples_against_the_images(model, tower, concept_imag
         class_word="circle",
         tower=tower,
         refine_steps=0,
-        check="clip",
         fallback=False,
         **settings,
     )

@@ -331,7 +331,9 @@ def test_eval_on_the_tiny_world_writes_the_report_and_is_deterministic(
     assert results["methods"]["classword"]["per_concept"][0]["check_score"] is None
     assert results["methods"]["classword"]["fallback"] is None
     rates = results["methods"]["classic:2"]["fallback"]
-    assert rates["right"] + rates["wrong"] == 1 and rates["threshold"] == 1.0
+    assert rates["right"] + rates["wrong"] == 1
+    # --check auto: the world has its own CLIP, so the CLIP check at encode's threshold.
+    assert results["config"]["check"] == "clip" and rates["threshold"] == 0.8
     assert "Fallback check" in table and Image.open(tmp_path / "a" / "check.png").size[0] > 300
 
     # 2. The same seed on the CPU gives the same numbers.
@@ -543,5 +545,5 @@ def test_clip_check_scores_are_oneword_encodes(tiny_world_dir, world_suite, tmp_
 
 
 def test_eval_refuses_an_unknown_check():
-    with pytest.raises(OnewordError, match="--check must be loss, clip or none"):
+    with pytest.raises(OnewordError, match="--check must be auto, loss, clip or none"):
         EvalConfig(check="oracle").check_values()

@@ -21,7 +21,7 @@ import re
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -76,12 +76,15 @@ class EvalConfig:
     encoder: str | None = None
     # Score every learned token with one of `oneword encode`'s checks, outside the timed
     # learning, so the report can say how well the check separates good tokens from bad
-    # ones: "loss" (denoising loss on the concept's images relative to the class word's),
+    # ones: "auto" (as `oneword encode`: "clip" when a CLIP scorer is loaded, else "loss"),
+    # "loss" (denoising loss on the concept's images relative to the class word's),
     # "clip" (CLIP image distance of "a photo of a S*" samples relative to the class
     # word's) or "none". Lower is better for both; a concept counts as "right" when its
     # identity is >= right_identity.
-    check: str = "loss"
-    check_threshold: float = 1.0  # the threshold whose fallback rates the report gives
+    check: str = "auto"
+    # The threshold whose fallback rates the report gives; None: `oneword encode`'s default
+    # for the check (encode.THRESHOLDS).
+    check_threshold: float | None = None
     right_identity: float = 0.5
     device: str | None = None
     quiet: bool = False
@@ -96,9 +99,9 @@ class EvalConfig:
                 )
         if self.seed < 0:
             raise OnewordError(f"--seed must be >= 0, got {self.seed}")
-        if self.check not in ("loss", "clip", "none"):
-            raise OnewordError(f"--check must be loss, clip or none, got {self.check!r}")
-        if not self.check_threshold >= 0:  # also refuses NaN
+        if self.check not in ("auto", "loss", "clip", "none"):
+            raise OnewordError(f"--check must be auto, loss, clip or none, got {self.check!r}")
+        if self.check_threshold is not None and not self.check_threshold >= 0:  # refuses NaN
             raise OnewordError(f"--check-threshold must be >= 0, got {self.check_threshold}")
         if not 0 < self.right_identity <= 1:
             raise OnewordError(f"--right-identity must be in (0, 1], got {self.right_identity}")
@@ -524,6 +527,12 @@ def evaluate(
         load_clip_scorer(config.clip, folder, device),
         load_dino_scorer(config.dino, device) if config.dino else None,
     )
+    if config.check == "auto":  # as `oneword encode`: the CLIP check when a CLIP is at hand
+        config = replace(config, check="clip" if scorers.clip is not None else "loss")
+    if config.check_threshold is None:
+        from ..encode import THRESHOLDS
+
+        config = replace(config, check_threshold=THRESHOLDS.get(config.check, 1.0))
     pipe = make_pipeline(model)
 
     # 3. Each concept's images and reference features, once.
@@ -732,7 +741,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     add("--encoder", default=None, metavar="FILE", help="encoder file of the encoder methods")
     add(
         "--check",
-        choices=("loss", "clip", "none"),
+        choices=("auto", "loss", "clip", "none"),
         default=defaults.check,
         help="score every token with this oneword encode check, untimed, and report its "
         "fallback rates (default: %(default)s)",
@@ -742,7 +751,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         "--check-threshold",
         type=float,
         default=defaults.check_threshold,
-        help="threshold whose fallback rates the report gives (default: %(default)s)",
+        help="threshold whose fallback rates the report gives (default: oneword encode's for "
+        "the check: 0.8 for clip, 1.0 for loss)",
     )
     add(
         "--right-identity",
