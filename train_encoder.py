@@ -15,30 +15,32 @@ S* = the predicted rows v (placed in template prompts through the placeholder pa
 encoder must capture the identity, not one image's layout), c = the class word's rows and
 v* = rows learned by classic inversion for that identity (`--distill DIR`).
 
-Defaults (chosen from the tiny models and the paper's scales; to be measured on the world):
-reg_weight 1e-3 (the offset term is at most alpha^2 = 1, the denoising loss ~0.1-1, so this
-only bites on runaway offsets), distill_weight 0.1 when --distill is given, AdamW lr 3e-4
-with 500 warmup steps, 8 identities x (4 references + 4 targets) per step.
+Defaults: reg_weight 1e-3 (the offset term is at most alpha^2, the denoising loss ~0.1-1,
+so it only bites on runaway offsets), distill_weight 0.1 when --distill is given (on the
+world the distillation term starts near 10 and dominates the loss: the denoising loss moves
+by ~0.001 between good and bad tokens), AdamW lr 3e-4 with 500 warmup steps, 8 identities
+x (4 references + 4 targets) per step. --offset-scale (alpha) bounds ||v - c|| by alpha
+||c||: classic inversion's tokens on the world lie 4.2-6.3 ||c|| from the class word, so the
+world's encoder uses alpha 6 (the default 1 confines it to a ball none of them is in; the
+"distill_targets" record of log.jsonl and a warning report this for any --distill folder).
 
-The ablation to run on the real world (each ~the same budget; compare the val lines):
-
-    for reg in 0 1e-3 1e-2; do
-      python train_encoder.py --model checkpoints/world --reg-weight $reg --steps 4000 \\
-          --out runs/encoder-reg$reg
-    done
-    python train_encoder.py --model checkpoints/world --distill runs/distill \\
-        --distill-weight 0.1 --steps 4000 --out runs/encoder-distill
-
-where runs/distill holds classic-inversion tokens for a subset of the training identities
-(every 7th: 100 concepts, 500 steps in batches of 8: ~28 minutes at two threads;
-identities without a target train on the
-other terms only):
+The ablation on the world is `benchmarks/ablate_encoder.sh` (targets, arms, evaluation on
+held-out concepts; the README has the measured table):
 
     python -c "from oneword.datasets.suite import write_world_suite as w; \\
-        from oneword.datasets.world import training_identities as t; w('runs/train-suite', identities=t()[::7])"
-    oneword invert --model checkpoints/world --concepts runs/train-suite --steps 400 --out runs/distill
+        from oneword.datasets.world import training_identities as t; \\
+        w('runs/ablate-encoder/train-suite', identities=t()[::7])"
+    oneword invert --model checkpoints/world --concepts runs/ablate-encoder/train-suite \\
+        --init object --steps 500 --no-samples --seed 0 --out runs/ablate-encoder/distill
+    python train_encoder.py --preset world-cpu --model checkpoints/world --steps 1500 \\
+        --offset-scale 6 --distill runs/ablate-encoder/distill --distill-weight 0.1 \\
+        --out runs/ablate-encoder/arm-distill0.1-offset6
 
-Training the real world's encoder (after checkpoints/world is complete), on a 2-core CPU:
+(every 7th training identity: 100 concepts, 500 steps in batches of 8, ~27 minutes at two
+threads; identities without a target train on the other terms only).
+
+Training the world's encoder on a 2-core CPU (the preset sets --offset-scale 6; add
+--distill DIR for the shipped encoder's recipe, see checkpoints/README.md):
 
     python train_encoder.py --preset world-cpu --model checkpoints/world --out runs/encoder
 
@@ -47,7 +49,7 @@ views on the world's architecture at one CPU thread (90 training images/s; the w
 alone renders ~5,000 images/s, so training is compute-bound): the preset's 3,000 steps take
 about 36 minutes plus validation (use --threads 2 once nothing else runs on the machine).
 Watch val's loss_gain and oracle identity in log.jsonl; continue with --resume --steps N
-while they still improve. Each ablation run above is ~47 minutes at that rate.
+while they still improve. Each 1,500-step ablation arm took ~17 minutes at one thread.
 
 Outputs in --out: encoder.safetensors (the final encoder; config in its metadata),
 checkpoints/step-XXXXXX/ (head + optimizer + step + data-stream state; pickle-free),
@@ -197,7 +199,10 @@ PRESETS: dict[str, dict] = {
         shuffle=10,
     ),
     # The miniature world on a 2-core CPU: ~0.7 s per step at one thread (about 36 minutes).
-    "world-cpu": dict(steps=3000, batch=8, references=4, targets=4, threads=1, val_every=500),
+    # offset_scale 6: classic inversion's tokens on the world lie 4.2-6.3 ||c|| away.
+    "world-cpu": dict(
+        steps=3000, batch=8, references=4, targets=4, threads=1, val_every=500, offset_scale=6.0
+    ),
 }
 
 # Settings a resumed run must share with the run it continues (--steps may grow).
