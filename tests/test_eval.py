@@ -547,3 +547,44 @@ def test_clip_check_scores_are_oneword_encodes(tiny_world_dir, world_suite, tmp_
 def test_eval_refuses_an_unknown_check():
     with pytest.raises(OnewordError, match="--check must be auto, loss, clip or none"):
         EvalConfig(check="oracle").check_values()
+
+
+def _merge_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "merge_eval.py"
+    spec = importlib.util.spec_from_file_location("merge_eval", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_merge_eval_replaces_methods_run_by_run_and_refuses_other_settings(tmp_path):
+    merge = _merge_module().merge
+
+    def run(name: str, check: str, methods: dict, seed: int = 0):
+        base = {"suite": "s", "seed": seed, "samples": 4, "steps": 30, "guidance": 5.0}
+        results = base | {"model": "m", "commit": name, "date": "d", "config": {"check": check}}
+        results["methods"] = {
+            label: {"identity": value, "check_score": 0.9, "fallback": {"right": 1},
+                    "per_concept": [{"check_score": 0.9}]}
+            for label, value in methods.items()
+        }  # fmt: skip
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps(results))
+        return folder
+
+    old = run("old", "loss", {"classic:50": 0.3, "encoder": 0.2})
+    new = run("new", "clip", {"encoder": 0.29})
+    merged, _ = merge([old, new])
+    assert list(merged["methods"]) == ["classic:50", "encoder"]
+    assert merged["methods"]["encoder"]["identity"] == 0.29  # the later run wins
+    assert merged["methods"]["encoder"]["source"]["run"] == str(new)
+    # The table shows one check: the last run's; the other run's scores are dropped.
+    assert merged["methods"]["encoder"]["fallback"] == {"right": 1}
+    assert merged["methods"]["classic:50"]["fallback"] is None
+    assert merged["methods"]["classic:50"]["per_concept"][0]["check_score"] is None
+    with pytest.raises(OnewordError, match="seed is 1"):
+        merge([old, run("other", "clip", {"encoder": 0.1}, seed=1)])
