@@ -31,10 +31,11 @@ world) and "loss" otherwise; `check="none"` skips the check (and the fallback).
 
 Measured on 12 held-out concepts of the miniature world (`oneword eval --check ...`): the
 loss check does not separate tokens whose samples keep the concept from those that do not
-(every token scored 0.90-1.00, right and wrong ones interleaved); the CLIP check does (after
-50 refinement steps: right tokens 0.63-0.76, wrong ones 0.69-0.99). Default thresholds
-(`THRESHOLDS`): 0.8 for "clip" (there it sent 3 of 7 wrong refined tokens and none of 5
-right ones to the fallback; chosen on those same concepts) and 1.0 for "loss".
+(every token scored 0.90-1.00, right and wrong ones interleaved); the CLIP check partly
+does (after 50 refinement steps: right tokens 0.63-0.76, wrong ones 0.69-0.99; after 10 or
+150 steps less cleanly). Default thresholds (`THRESHOLDS`): 0.8 for "clip" (over 10, 50 and
+150 refinement steps it sent 12 of 22 wrong tokens and 5 of 14 right ones to the fallback;
+chosen on those same concepts) and 1.0 for "loss".
 
 Paths: "encoder" (prediction only: refine_steps=0, check passed or fallback off),
 "refined" (prediction + refinement kept) and "fallback" (full inversion ran).

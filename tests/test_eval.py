@@ -545,7 +545,7 @@ def test_clip_check_scores_are_oneword_encodes(tiny_world_dir, world_suite, tmp_
 
 
 def test_eval_refuses_an_unknown_check():
-    with pytest.raises(OnewordError, match="--check must be auto, loss, clip or none"):
+    with pytest.raises(OnewordError, match="--check must be one of auto, loss, clip, none"):
         EvalConfig(check="oracle").check_values()
 
 

@@ -99,8 +99,10 @@ class EvalConfig:
                 )
         if self.seed < 0:
             raise OnewordError(f"--seed must be >= 0, got {self.seed}")
-        if self.check not in ("auto", "loss", "clip", "none"):
-            raise OnewordError(f"--check must be auto, loss, clip or none, got {self.check!r}")
+        from ..encode import CHECKS
+
+        if self.check not in CHECKS:
+            raise OnewordError(f"--check must be one of {', '.join(CHECKS)}, got {self.check!r}")
         if self.check_threshold is not None and not self.check_threshold >= 0:  # refuses NaN
             raise OnewordError(f"--check-threshold must be >= 0, got {self.check_threshold}")
         if not 0 < self.right_identity <= 1:
@@ -706,6 +708,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Register `oneword eval` on an argparse subparsers object."""
+    from ..encode import CHECKS
     from ..models import add_model_argument
 
     defaults = EvalConfig()
@@ -741,7 +744,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     add("--encoder", default=None, metavar="FILE", help="encoder file of the encoder methods")
     add(
         "--check",
-        choices=("auto", "loss", "clip", "none"),
+        choices=CHECKS,
         default=defaults.check,
         help="score every token with this oneword encode check, untimed, and report its "
         "fallback rates (default: %(default)s)",
