@@ -529,12 +529,14 @@ def evaluate(
         load_clip_scorer(config.clip, folder, device),
         load_dino_scorer(config.dino, device) if config.dino else None,
     )
-    if config.check == "auto":  # as `oneword encode`: the CLIP check when a CLIP is at hand
-        config = replace(config, check="clip" if scorers.clip is not None else "loss")
-    if config.check_threshold is None:
-        from ..encode import THRESHOLDS
+    # "auto" and the default threshold mean what they mean for `oneword encode`.
+    from ..encode import EncodeConfig, resolve_check
 
-        config = replace(config, check_threshold=THRESHOLDS.get(config.check, 1.0))
+    check = resolve_check(
+        EncodeConfig(check=config.check, threshold=config.check_threshold, clip=config.clip),
+        model,
+    )
+    config = replace(config, check=check.check, check_threshold=check.threshold)
     pipe = make_pipeline(model)
 
     # 3. Each concept's images and reference features, once.
