@@ -238,6 +238,8 @@ def child(args) -> dict | list:
         return run_ours(model, images, args.steps, args.batch)
     if args.child == "reference":
         return run_reference(model, images, args.steps, args.batch)
+    if args.child == "unet":
+        return unet_fwd_bwd(model, args.batch, repeats=args.steps)
     return gpu_scaling(model, images, args.steps, _batches(args.gpu_batches))
 
 
@@ -287,7 +289,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
     parser.add_argument("--gpu-batches", default="1,4,8", help="batches for the GPU scaling table")
     parser.add_argument(
-        "--child", choices=["ours", "reference", "gpu-scaling"], help=argparse.SUPPRESS
+        "--child", choices=["ours", "reference", "unet", "gpu-scaling"], help=argparse.SUPPRESS
     )
     args = parser.parse_args(argv)
     if args.child:
@@ -309,6 +311,9 @@ def main(argv=None) -> int:
         reference = _summary(
             _spawn("reference", model, args.device, args.steps, args.batch), args.warmup, args.batch
         )
+        # The floor both loops stand on: the frozen UNet's forward + backward alone, same batch.
+        # No loop around this UNet can be more than t_reference / t_unet faster per step.
+        unet = _spawn("unet", model, args.device, args.steps, args.batch)
 
         memory = (
             "torch.cuda.max_memory_allocated"
@@ -324,6 +329,10 @@ def main(argv=None) -> int:
                   f"{row['first_loss']:.4f} | {row['final_loss']:.4f} |")  # fmt: skip
         print(f"| ratio (reference / oneword) | {reference['per_step'] / ours['per_step']:.2f}x | "
               f"{ours['images_s'] / reference['images_s']:.2f}x | | | |")  # fmt: skip
+        print(f"\nUNet forward + backward alone (batch {args.batch}, median of {args.steps}): "
+              f"{unet['seconds']:.4f} s = {unet['seconds'] / ours['per_step']:.0%} of a oneword step; "
+              f"the most any loop around this UNet can gain: "
+              f"{reference['per_step'] / unet['seconds']:.2f}x.")  # fmt: skip
 
         if args.device.startswith("cuda"):
             print(f"\n### GPU scaling (bf16), {torch.cuda.get_device_name()}\n")

@@ -4,7 +4,7 @@ Methods are added run by run; a method present in a later run replaces the earli
 (e.g. the encoder rows after the encoder was retrained). The merged `results.json` keeps,
 per method, the run it came from (`source`: folder, commit, date, threads). Fallback-check
 columns are kept only for methods scored with the last run's check, so one table never mixes
-two checks. Runs that differ in suite, seed, samples, steps or guidance are refused.
+two checks. Runs that differ in suite, concepts, seed, samples, steps or guidance are refused.
 
     python benchmarks/merge_eval.py benchmarks/results/eval-world \\
         runs/eval-v2-classic3000 runs/eval-v2 runs/ablate-encoder/eval-distill0.1-offset6 \\
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(REPO))
 
-SAME = ("suite", "seed", "samples", "steps", "guidance", "model")
+SAME = ("suite", "concepts", "seed", "samples", "steps", "guidance", "model")
 
 
 def merge(runs: list[Path]) -> tuple[dict, dict[str, Path]]:

@@ -544,6 +544,18 @@ def test_clip_check_scores_are_oneword_encodes(tiny_world_dir, world_suite, tmp_
     assert row["check_score"] != pytest.approx(1.0, abs=1e-6)  # not the class word's own
 
 
+def test_concepts_selects_the_first_n_or_a_range_and_refuses_empty_ones():
+    from oneword.evaluation.harness import concept_slice
+
+    names = list("abcdef")
+    assert names[concept_slice(None)] == names
+    assert names[concept_slice(2)] == ["a", "b"] and names[concept_slice("2")] == ["a", "b"]
+    assert names[concept_slice("2:4")] == ["c", "d"] and names[concept_slice("4:")] == ["e", "f"]
+    for bad in (0, "0", "3:3", "4:2", "-1:2", "x", "1:2:3"):
+        with pytest.raises(OnewordError, match="--concepts must be"):
+            EvalConfig(concepts=bad).check_values()
+
+
 def test_eval_refuses_an_unknown_check():
     with pytest.raises(OnewordError, match="--check must be one of auto, loss, clip, none"):
         EvalConfig(check="oracle").check_values()
@@ -563,8 +575,9 @@ def _merge_module():
 def test_merge_eval_replaces_methods_run_by_run_and_refuses_other_settings(tmp_path):
     merge = _merge_module().merge
 
-    def run(name: str, check: str, methods: dict, seed: int = 0):
+    def run(name: str, check: str, methods: dict, seed: int = 0, concepts=("a", "b")):
         base = {"suite": "s", "seed": seed, "samples": 4, "steps": 30, "guidance": 5.0}
+        base["concepts"] = list(concepts)
         results = base | {"model": "m", "commit": name, "date": "d", "config": {"check": check}}
         results["methods"] = {
             label: {"identity": value, "check_score": 0.9, "fallback": {"right": 1},
@@ -588,3 +601,5 @@ def test_merge_eval_replaces_methods_run_by_run_and_refuses_other_settings(tmp_p
     assert merged["methods"]["classic:50"]["per_concept"][0]["check_score"] is None
     with pytest.raises(OnewordError, match="seed is 1"):
         merge([old, run("other", "clip", {"encoder": 0.1}, seed=1)])
+    with pytest.raises(OnewordError, match="concepts is"):  # other concepts: other averages
+        merge([old, run("later", "clip", {"encoder": 0.1}, concepts=("c", "d"))])

@@ -123,6 +123,34 @@ def test_fidelity_report_has_every_attribute(tiny_world_dir, tmp_path):
     }
     assert 0.0 <= report["all"] <= min(report["per_attribute"].values())
     assert (tmp_path / "g.png").exists()
+    for attribute, rows in report["confusion"].items():
+        assert sum(sum(reads.values()) for reads in rows.values()) == report["n"]
+        assert set(report["per_value"][attribute]) == set(rows)
+
+
+def test_fidelity_confusion_counts_what_was_asked_against_what_was_read():
+    import torch
+
+    from oneword.datasets import world
+    from oneword.world.fidelity import per_value, score
+
+    scenes = world.sample_scenes(6, torch.Generator().manual_seed(0), named_only=True)
+    truth = {a: [getattr(s, a) for s in scenes] for a in world.ATTRIBUTES}
+    wrong = [v for v in world.VALUES["pattern"] if v != truth["pattern"][0]][0]
+
+    class Oracle:  # reads everything right except the first sample's pattern
+        def predict(self, images):
+            read = {a: list(v) for a, v in truth.items()}
+            read["pattern"][0] = wrong
+            return read
+
+    result = score(Oracle(), torch.zeros(6, 3, 8, 8), scenes, confusion=True)
+    first = truth["pattern"][0]
+    asked_first = truth["pattern"].count(first)
+    assert result["confusion"]["pattern"][first][wrong] == 1
+    assert result["pattern"] == pytest.approx(5 / 6) and result["all"] == pytest.approx(5 / 6)
+    assert result["shape"] == 1.0
+    assert per_value(result["confusion"]["pattern"])[first] == (asked_first - 1) / asked_first
 
 
 def test_world_suite_and_shards_commands(tmp_path):

@@ -67,8 +67,10 @@ class EvalConfig:
     clip: str | None = None
     # A transformers ViT/Dinov2 folder for the DINO score; None = no DINO score.
     dino: str | None = None
-    # Only the first N concepts of the suite (quick runs); None = all.
-    concepts: int | None = None
+    # Only the first N concepts of the suite (quick runs), or "START:END" (0-based, end
+    # excluded: "12:24" = the 13th to the 24th, e.g. to validate a threshold chosen on the
+    # first 12); None = all.
+    concepts: int | str | None = None
     # Concepts shown in each method's grid, and edit prompts per concept there.
     grid_concepts: int = 4
     grid_edits: int = 2
@@ -107,14 +109,37 @@ class EvalConfig:
             raise OnewordError(f"--check-threshold must be >= 0, got {self.check_threshold}")
         if not 0 < self.right_identity <= 1:
             raise OnewordError(f"--right-identity must be in (0, 1], got {self.right_identity}")
-        if self.concepts is not None and self.concepts < 1:
-            raise OnewordError(f"--concepts must be >= 1, got {self.concepts}")
+        concept_slice(self.concepts)  # raises on a bad value
         if "{}" not in self.identity_prompt:
             raise OnewordError(
                 f"identity prompt {self.identity_prompt!r} needs a {{}} for the token"
             )
         if not self.methods:
             raise OnewordError("give at least one method (--methods classword,classic:400)")
+
+
+def concept_slice(spec: int | str | None) -> slice:
+    """`--concepts` as a slice: N -> the first N, "START:END" -> those (0-based), None -> all."""
+    if spec is None:
+        return slice(None)
+    text = str(spec).strip()
+    try:
+        if ":" in text:
+            start, end = (int(part) if part.strip() else None for part in text.split(":"))
+        else:
+            start, end = 0, int(text)
+    except ValueError:
+        start = end = -1
+    if (
+        (start is not None and start < 0)
+        or (end is not None and end < 1)
+        or (start is not None and end is not None and end <= start)
+    ):
+        raise OnewordError(
+            f"--concepts must be N >= 1 (the first N) or START:END with 0 <= START < END, "
+            f"got {spec!r}"
+        )
+    return slice(start, end)
 
 
 # ---------------------------------------------------------------------------------------
@@ -511,7 +536,9 @@ def evaluate(
     config = config or EvalConfig()
     config.check_values()
     methods = parse_methods(config.methods)
-    concepts = read_suite(suite)[: config.concepts]
+    concepts = read_suite(suite)[concept_slice(config.concepts)]
+    if not concepts:
+        raise OnewordError(f"--concepts {config.concepts} selects no concept of {suite}")
     out = Path(out_dir) if out_dir is not None else None
 
     # 2. The model, its oracle (if it has one), the CLIP and DINO scorers.
@@ -741,7 +768,12 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         "(default: world when the model has image_encoder/, else no CLIP scores)",
     )
     add("--dino", default=None, metavar="DIR", help="transformers ViT/Dinov2 folder for DINO")
-    add("--concepts", type=int, default=None, metavar="N", help="only the first N concepts")
+    add(
+        "--concepts",
+        default=None,
+        metavar="N|START:END",
+        help="only the first N concepts, or those from START to END (0-based, END excluded)",
+    )
     add("--grid-concepts", type=int, default=defaults.grid_concepts, help="concepts per grid")
     add("--encoder", default=None, metavar="FILE", help="encoder file of the encoder methods")
     add(

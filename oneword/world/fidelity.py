@@ -56,18 +56,33 @@ def fidelity_captions(n: int, seed: int) -> tuple[list[world.Scene], list[str]]:
     return scenes, [world.full_caption(s) for s in scenes]
 
 
-def score(oracle: Oracle, images: torch.Tensor, scenes) -> dict:
-    """Per-attribute agreement between the oracle's reading and the scenes, plus all at once."""
+def score(oracle: Oracle, images: torch.Tensor, scenes, *, confusion: bool = False) -> dict:
+    """Per-attribute agreement between the oracle's reading and the scenes, plus all at once.
+
+    With `confusion`, also `result["confusion"][attribute][asked][read]`: how many samples
+    asked for value `asked` were read as `read` (where a weak attribute goes wrong).
+    """
     predicted = oracle.predict(images)
     result, all_right = {}, torch.ones(len(scenes), dtype=torch.bool)
+    table: dict[str, dict[str, dict[str, int]]] = {}
     for attribute in world.ATTRIBUTES:
-        right = torch.tensor(
-            [p == getattr(s, attribute) for p, s in zip(predicted[attribute], scenes)]
-        )
+        asked = [getattr(s, attribute) for s in scenes]
+        right = torch.tensor([p == a for p, a in zip(predicted[attribute], asked)])
         result[attribute] = float(right.float().mean())
         all_right &= right
+        rows = table.setdefault(attribute, {})
+        for a, p in zip(asked, predicted[attribute]):
+            rows.setdefault(a, {})
+            rows[a][p] = rows[a].get(p, 0) + 1
     result["all"] = float(all_right.float().mean())
+    if confusion:
+        result["confusion"] = table
     return result
+
+
+def per_value(confusion: dict[str, dict[str, int]]) -> dict[str, float]:
+    """{asked value: share read right} from one attribute's confusion rows."""
+    return {asked: reads.get(asked, 0) / sum(reads.values()) for asked, reads in confusion.items()}
 
 
 @torch.no_grad()
@@ -147,10 +162,12 @@ def measure_fidelity(
         images.append((out.images * 255).round().to(torch.uint8).cpu())
         all_scenes += [s for s in scenes[start : start + 32] for _ in range(samples)]
     pixels = torch.cat(images)
-    result = score(oracle, pixels, all_scenes)
+    result = score(oracle, pixels, all_scenes, confusion=True)
     report = {
         "per_attribute": {a: result[a] for a in world.ATTRIBUTES},
         "all": result["all"],
+        "per_value": {a: per_value(result["confusion"][a]) for a in world.ATTRIBUTES},
+        "confusion": result["confusion"],
         "n": len(all_scenes),
         "captions": captions,
         "samples_per_caption": samples,
@@ -202,6 +219,9 @@ def run_fidelity(args) -> int:
     for attribute, value in report["per_attribute"].items():
         print(f"| {attribute} | {value:.1%} |")
     print(f"| all at once | {report['all']:.1%} |")
+    for attribute, values in report["per_value"].items():
+        shares = ", ".join(f"{v} {share:.0%}" for v, share in sorted(values.items()))
+        print(f"{attribute}: {shares}")
     if args.json:
         from ..io import atomic_write_text
 
