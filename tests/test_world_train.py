@@ -111,7 +111,7 @@ def test_fidelity_report_has_every_attribute(tiny_world_dir, tmp_path):
     from oneword.world.fidelity import measure_fidelity
 
     report = measure_fidelity(
-        tiny_world_dir, captions=2, steps=2, device="cpu", grid=tmp_path / "g.png"
+        tiny_world_dir, captions=2, steps=2, device="cpu", grid=tmp_path / "g.png", ceiling=True
     )
     assert set(report["per_attribute"]) == {
         "shape",
@@ -126,6 +126,9 @@ def test_fidelity_report_has_every_attribute(tiny_world_dir, tmp_path):
     for attribute, rows in report["confusion"].items():
         assert sum(sum(reads.values()) for reads in rows.values()) == report["n"]
         assert set(report["per_value"][attribute]) == set(rows)
+    ceiling = report["vae_ceiling"]
+    assert set(ceiling["per_attribute"]) == set(report["per_attribute"])
+    assert 0.0 <= ceiling["all"] <= min(ceiling["per_attribute"].values())
 
 
 def test_fidelity_confusion_counts_what_was_asked_against_what_was_read():

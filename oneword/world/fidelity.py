@@ -123,6 +123,7 @@ def measure_fidelity(
     seed: int = 0,
     device: str | None = None,
     grid: str | Path | None = None,
+    ceiling: bool = False,
 ) -> dict:
     """Fidelity of a world pipeline loaded through diffusers' own `StableDiffusionPipeline`.
 
@@ -131,9 +132,13 @@ def measure_fidelity(
         captions: number of fully named captions; samples: images per caption.
         steps, guidance: DDIM steps and classifier-free guidance scale.
         grid: optional PNG path for a caption -> samples grid (first 8 captions).
+        ceiling: also score the VAE's reconstructions of the captions' true renders
+            (`report["vae_ceiling"]`): what a UNet that drew every caption perfectly in
+            latent space would get from this VAE and oracle.
 
     Returns:
-        {"per_attribute": {...}, "all": float, "n": int, ...}.
+        {"per_attribute": {...}, "all": float, "n": int, "per_value": {...},
+         "confusion": {...}, ...}.
     """
     from diffusers import StableDiffusionPipeline
 
@@ -176,6 +181,8 @@ def measure_fidelity(
         "seed": seed,
         "device": str(device),
     }
+    if ceiling:
+        report["vae_ceiling"] = _vae_ceiling(pipe.vae, oracle, scenes, device)
     if grid is not None:
         from ..images import tensor_to_images
 
@@ -190,6 +197,23 @@ def measure_fidelity(
     return report
 
 
+@torch.no_grad()
+def _vae_ceiling(vae, oracle: Oracle, scenes, device) -> dict:
+    """The oracle on VAE round trips (posterior mean) of the scenes' true renders."""
+    pixels = world.render(scenes, oracle.config.resolution, device=device)
+    rebuilt = []
+    for start in range(0, len(scenes), 64):
+        x = pixels[start : start + 64].float() / 127.5 - 1
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample
+        rebuilt.append(((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+    result = score(oracle, torch.cat(rebuilt), scenes, confusion=True)
+    return {
+        "per_attribute": {a: result[a] for a in world.ATTRIBUTES},
+        "all": result["all"],
+        "per_value": {a: per_value(result["confusion"][a]) for a in world.ATTRIBUTES},
+    }
+
+
 def add_fidelity_parser(sub) -> None:
     parser = sub.add_parser(
         "fidelity", help="measure the world model's prompt fidelity with the oracle"
@@ -202,6 +226,11 @@ def add_fidelity_parser(sub) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid", default=None, help="PNG of caption -> samples")
     parser.add_argument("--json", default=None, help="write the report here")
+    parser.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="also score the VAE's reconstructions of the captions' true renders",
+    )
     parser.set_defaults(func=run_fidelity)
 
 
@@ -214,14 +243,23 @@ def run_fidelity(args) -> int:
         guidance=args.guidance,
         seed=args.seed,
         grid=args.grid,
+        ceiling=args.ceiling,
     )
-    print("| attribute | right |\n|---|---|")
-    for attribute, value in report["per_attribute"].items():
-        print(f"| {attribute} | {value:.1%} |")
-    print(f"| all at once | {report['all']:.1%} |")
+    ceiling = report.get("vae_ceiling")
+    print("| attribute | samples right |" + (" VAE round trip right |" if ceiling else ""))
+    print("|---|---:|" + ("---:|" if ceiling else ""))
+    for attribute, value in [*report["per_attribute"].items(), ("all at once", report["all"])]:
+        extra = ""
+        if ceiling:
+            extra = f" {ceiling['per_attribute'].get(attribute, ceiling['all']):.1%} |"
+        print(f"| {attribute} | {value:.1%} |{extra}")
     for attribute, values in report["per_value"].items():
         shares = ", ".join(f"{v} {share:.0%}" for v, share in sorted(values.items()))
-        print(f"{attribute}: {shares}")
+        print(f"{attribute} (samples): {shares}")
+        if ceiling:
+            values = ceiling["per_value"][attribute]
+            shares = ", ".join(f"{v} {share:.0%}" for v, share in sorted(values.items()))
+            print(f"{attribute} (VAE round trip): {shares}")
     if args.json:
         from ..io import atomic_write_text
 
