@@ -10,6 +10,16 @@ two checks. Runs that differ in suite, concepts, seed, samples, steps or guidanc
         runs/eval-v2-classic3000 runs/eval-v2 runs/ablate-encoder/eval-distill0.1-offset6 \\
         runs/eval-v2-enc2-refine
 
+With --pool, runs over disjoint sets of the suite's concepts are joined: the runs are
+grouped by concept set, each group is merged as above, and every method present in every
+group gets its per-concept rows pooled and its means recomputed over all of them (e.g. the
+first 12 concepts from four runs plus concepts 13-24 from a fifth). Methods missing from a
+group are left out of the pooled table, since their means would be over other concepts.
+
+    python benchmarks/merge_eval.py --pool benchmarks/results/eval-world-24 \
+        runs/eval-v2-classic3000 runs/eval-v2 runs/ablate-encoder/eval-distill0.1-offset6 \
+        runs/eval-v2-enc2-refine runs/eval-v2-12-24
+
 Writes OUT/results.json, results.md and tradeoff.png (and check.png), and copies each
 method's grid into OUT/grids/.
 """
@@ -36,10 +46,7 @@ def merge(runs: list[Path]) -> tuple[dict, dict[str, Path]]:
     merged: dict | None = None
     grids: dict[str, Path] = {}
     for run in runs:
-        path = run / "results.json"
-        if not path.is_file():
-            raise OnewordError(f"{path} is missing: give folders written by oneword eval")
-        results = json.loads(path.read_text())
+        path, results = run / "results.json", _read(run)
         if merged is None:
             merged = {**results, "methods": {}}
         for key in SAME:
@@ -74,6 +81,74 @@ def merge(runs: list[Path]) -> tuple[dict, dict[str, Path]]:
     return merged, grids
 
 
+def _read(run: Path) -> dict:
+    from oneword.errors import OnewordError
+
+    path = run / "results.json"
+    if not path.is_file():
+        raise OnewordError(f"{path} is missing: give folders written by oneword eval")
+    return json.loads(path.read_text())
+
+
+def pool(runs: list[Path]) -> tuple[dict, dict[str, Path], list[str]]:
+    """Merge runs per concept set, then pool the methods every set has.
+
+    Returns the pooled results, per method the grid of its first group, and the methods
+    left out (present in some concept sets only).
+    """
+    from oneword.errors import OnewordError
+    from oneword.evaluation.harness import summarise_method
+    from oneword.evaluation.metrics import fallback_rates
+
+    groups: dict[tuple, list[Path]] = {}
+    for run in runs:
+        groups.setdefault(tuple(_read(run).get("concepts") or ()), []).append(run)
+    seen: set[str] = set()
+    for concepts in groups:
+        if seen & set(concepts):
+            raise OnewordError(
+                f"--pool needs disjoint concept sets; {sorted(seen & set(concepts))} appear in "
+                "two of them (merge runs over the same concepts without --pool)"
+            )
+        seen |= set(concepts)
+    merged = [merge(group) for group in groups.values()]
+    first, grids = merged[0][0], merged[0][1]
+    for key in SAME:
+        if key == "concepts":
+            continue
+        for other, _ in merged[1:]:
+            if str(other.get(key)) != str(first.get(key)):
+                raise OnewordError(
+                    f"--pool: {key} is {other.get(key)!r} in one concept set and "
+                    f"{first.get(key)!r} in another; pool only runs made with the same settings"
+                )
+    labels = [label for label in first["methods"] if all(label in m["methods"] for m, _ in merged)]
+    left_out = sorted({label for m, _ in merged for label in m["methods"]} - set(labels))
+    config = merged[-1][0]["config"]
+    threshold, right_identity = config.get("check_threshold"), config.get("right_identity", 0.5)
+    pooled = {**first, "methods": {}, "concepts": [c for g in groups for c in g]}
+    for label in labels:
+        parts = [m["methods"][label] for m, _ in merged]
+        rows = [row for part in parts for row in part.get("per_concept", [])]
+        method = summarise_method(label, rows, parts[0].get("grid"))
+        checks = {part["source"]["check"] for part in parts}
+        same_check = len(checks) == 1 and all(part.get("fallback") is not None for part in parts)
+        method["fallback"] = (
+            fallback_rates(rows, threshold, right_identity)
+            if same_check and threshold is not None
+            else None
+        )
+        method["source"] = {
+            "run": " + ".join(part["source"]["run"] for part in parts),
+            "commit": " + ".join(str(part["source"]["commit"])[:7] for part in parts),
+            "date": parts[-1]["source"]["date"],
+            "check": checks.pop() if len(checks) == 1 else "mixed",
+        }
+        pooled["methods"][label] = method
+    pooled["merged_from"] = [str(run) for run in runs]
+    return pooled, {k: v for k, v in grids.items() if k in labels}, left_out
+
+
 def main(argv: list[str] | None = None) -> int:
     from oneword.evaluation.report import write_report
     from oneword.io import atomic_write_text
@@ -81,8 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="folder for the merged report")
     parser.add_argument("runs", type=Path, nargs="+", help="oneword eval output folders")
+    parser.add_argument(
+        "--pool", action="store_true", help="join runs over disjoint concept sets (see above)"
+    )
     args = parser.parse_args(argv)
-    merged, grids = merge(args.runs)
+    left_out: list[str] = []
+    if args.pool:
+        merged, grids, left_out = pool(args.runs)
+    else:
+        merged, grids = merge(args.runs)
     args.out.mkdir(parents=True, exist_ok=True)
     for label, grid in grids.items():
         if grid.is_file():
@@ -99,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             f"- {label}: `{source['run']}` (commit {str(source['commit'])[:7]}, "
             f"{source['date']}, check {source['check']})"
         )
+    if left_out:
+        sources += ["", f"Left out (not run on every concept set): {', '.join(left_out)}"]
     table = (args.out / "results.md").read_text() + "\n".join(sources) + "\n"
     atomic_write_text(args.out / "results.md", table)
     print((args.out / "results.md").read_text())

@@ -603,3 +603,39 @@ def test_merge_eval_replaces_methods_run_by_run_and_refuses_other_settings(tmp_p
         merge([old, run("other", "clip", {"encoder": 0.1}, seed=1)])
     with pytest.raises(OnewordError, match="concepts is"):  # other concepts: other averages
         merge([old, run("later", "clip", {"encoder": 0.1}, concepts=("c", "d"))])
+
+
+def test_merge_eval_pools_disjoint_concept_sets_and_recomputes_the_means(tmp_path):
+    pool = _merge_module().pool
+
+    def run(name: str, concepts: list[str], methods: dict[str, list[float]]):
+        results = {"suite": "s", "seed": 0, "samples": 4, "steps": 30, "guidance": 5.0,
+                   "model": "m", "commit": name, "date": "d", "concepts": concepts,
+                   "config": {"check": "clip", "check_threshold": 0.8, "right_identity": 0.5}}  # fmt: skip
+        results["methods"] = {}
+        for label, identities in methods.items():
+            rows = [
+                {"concept": c, "word": "w", "identity": i, "editability": i, "clip_i": i,
+                 "clip_t": i, "dino": None, "per_attribute": {"shape": i}, "seconds": 1.0,
+                 "unet_forward_passes": 2, "unet_samples": 2, "peak_memory_mib": 5.0,
+                 "sampling_seconds": 1.0, "cost": {"steps": 2}, "check_score": 0.9 - i}
+                for c, i in zip(concepts, identities)
+            ]  # fmt: skip
+            results["methods"][label] = {"identity": sum(identities) / len(identities),
+                                         "per_concept": rows, "fallback": {}}  # fmt: skip
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps(results))
+        return folder
+
+    first = run("first", ["a", "b"], {"classic": [1.0, 0.0], "encoder": [0.0, 0.0]})
+    second = run("second", ["c", "d"], {"classic": [1.0, 1.0]})
+    pooled, _, left_out = pool([first, second])
+    assert list(pooled["methods"]) == ["classic"] and left_out == ["encoder"]
+    classic = pooled["methods"]["classic"]
+    assert classic["identity"] == pytest.approx(0.75) and classic["concepts"] == 4
+    assert pooled["concepts"] == ["a", "b", "c", "d"]
+    # The fallback rates are recomputed over all four concepts (score 0.9 - identity).
+    assert classic["fallback"]["right"] == 3 and classic["fallback"]["wrong_flagged"] == 1
+    with pytest.raises(OnewordError, match="disjoint"):
+        pool([first, run("overlap", ["b", "e"], {"classic": [1.0, 0.0]})])

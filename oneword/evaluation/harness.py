@@ -465,7 +465,8 @@ def _grid_rows(concept, learned, reference, samples, config: EvalConfig, per_pro
     return images, labels
 
 
-def _summarise(label: str, rows: list[dict], grid: str | None) -> dict:
+def summarise_method(label: str, rows: list[dict], grid: str | None) -> dict:
+    """One method's results.json entry from its per-concept rows (means over concepts)."""
     name, _, arg = label.partition(":")
     per_attribute: dict[str, list] = {}
     for row in rows:
@@ -685,7 +686,7 @@ def evaluate(
         if out is not None and grid_images:
             grid = f"grids/{_file_name(label)}.png"
             save_grid(grid_images, out / grid, columns=per_prompt, labels=grid_labels)
-        results["methods"][label] = _summarise(label, rows, grid)
+        results["methods"][label] = summarise_method(label, rows, grid)
         results["methods"][label]["fallback"] = fallback_rates(
             rows, config.check_threshold, config.right_identity
         )
