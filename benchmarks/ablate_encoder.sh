@@ -7,8 +7,10 @@
 #    and in how far from the class word c their rows may go (--offset-scale alpha:
 #    ||v - c|| <= alpha ||c||): the denoising loss alone (+ the 1e-3 offset regulariser) at
 #    alpha 1 (the old default) and 6, and with the distillation term toward the targets
-#    (weight 0.1) at alpha 6, there also with the offset regulariser at 0 and 1e-2. The targets lie 4-6 ||c|| from c (train_encoder.py logs it as
-#    "distill_targets"), out of reach at alpha 1.
+#    (weight 0.1) at alpha 6, there also with the offset regulariser at 0 and 1e-2, and
+#    trained on to 3,500 steps (the last --steps wins; resuming the 1,500-step arm with
+#    --resume --steps 3500 gives the same weights). The targets lie 4-6 ||c|| from c
+#    (train_encoder.py logs it as "distill_targets"), out of reach at alpha 1.
 # 3. Each encoder alone on the held-out suite with `oneword eval --methods encoder`
 #    (identity, editability, CLIP-I by the oracle and the world's CLIP; DDIM 30, g5).
 #
@@ -41,7 +43,8 @@ fi
 arms=("distill0.1-offset6:--offset-scale 6 --distill $OUT/distill --distill-weight 0.1"
       "denoise-offset6:--offset-scale 6" "denoise-offset1:--offset-scale 1"
       "distill0.1-offset6-reg0:--offset-scale 6 --distill $OUT/distill --reg-weight 0"
-      "distill0.1-offset6-reg1e-2:--offset-scale 6 --distill $OUT/distill --reg-weight 1e-2")
+      "distill0.1-offset6-reg1e-2:--offset-scale 6 --distill $OUT/distill --reg-weight 1e-2"
+      "distill0.1-offset6-3500:--offset-scale 6 --distill $OUT/distill --steps 3500")
 for arm in "${arms[@]}"; do
     name=${arm%%:*}
     # shellcheck disable=SC2086  # the options are meant to split
