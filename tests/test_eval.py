@@ -639,3 +639,28 @@ def test_merge_eval_pools_disjoint_concept_sets_and_recomputes_the_means(tmp_pat
     assert classic["fallback"]["right"] == 3 and classic["fallback"]["wrong_flagged"] == 1
     with pytest.raises(OnewordError, match="disjoint"):
         pool([first, run("overlap", ["b", "e"], {"classic": [1.0, 0.0]})])
+
+
+def test_tradeoff_labels_of_coincident_points_do_not_overlap():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from oneword.evaluation.report import _place_labels
+
+    figure = Figure(figsize=(4, 3))
+    FigureCanvasAgg(figure)
+    ax = figure.subplots()
+    points = [(0.3 + 0.001 * i, 0.3, f"classic:{50 * (i + 1)}", "C0") for i in range(6)]
+    ax.plot([0, 1], [0, 1], ".")
+    figure.draw_without_rendering()
+    _place_labels(ax, points)
+    figure.draw_without_rendering()
+    renderer = figure.canvas.get_renderer()
+    from matplotlib.text import Text
+
+    # The text's own box (an Annotation's extent would include its leader line).
+    boxes = [Text.get_window_extent(text, renderer) for text in ax.texts]
+    assert len(boxes) == 6
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert not a.overlaps(b), (a, b)

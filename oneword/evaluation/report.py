@@ -193,6 +193,41 @@ def _steps(method: dict) -> float:
     return method.get("steps") or 0
 
 
+def _place_labels(ax, points: list[tuple[float, float, str, str]], fontsize: int = 8) -> None:
+    """Label each (x, y, text, colour) point without two labels overlapping.
+
+    Greedy, in display points: each label goes right of its point at the first vertical
+    offset (0, -10, +10, -20, ...) whose box misses every label placed so far; a label moved
+    away from its point gets a thin leader line.
+    """
+    to_points = 72.0 / ax.figure.dpi
+    boxes: list[tuple[float, float, float, float]] = []  # x0, y0, x1, y1 in points
+    height, char = fontsize * 1.25, fontsize * 0.6
+    order = sorted(points, key=lambda p: -ax.transData.transform((p[0], p[1]))[1])
+    for x, y, text, colour in order:
+        px, py = (v * to_points for v in ax.transData.transform((x, y)))
+        width = char * len(text)
+        for shift in [0.0] + [s * k * height for k in range(1, 12) for s in (-1, 1)]:
+            box = (px + 5, py + 2 + shift, px + 5 + width, py + 2 + shift + height)
+            if not any(
+                box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in boxes
+            ):
+                break
+        boxes.append(box)
+        ax.annotate(
+            text,
+            (x, y),
+            textcoords="offset points",
+            xytext=(5, 2 + shift),
+            fontsize=fontsize,
+            arrowprops=(
+                {"arrowstyle": "-", "color": colour, "alpha": 0.5, "lw": 0.6}
+                if abs(shift) > height
+                else None
+            ),
+        )
+
+
 def plot_tradeoff(results: dict, path: str | Path) -> Path | None:
     """Write the trade-off figure (one panel per available metric pair); None if no
     method has any pair measured."""
@@ -216,9 +251,9 @@ def plot_tradeoff(results: dict, path: str | Path) -> Path | None:
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
     colours: dict[str, str] = {}
+    to_label = []
     for ax, (x_key, y_key, x_label, y_label, title) in zip(axes, panels):
         by_method: dict[str, list] = {}
-        placed: dict[tuple, int] = {}  # rounded point -> labels already there
         for label, method in methods.items():
             x, y = method.get(x_key), method.get(y_key)
             if x is None or y is None:
@@ -226,6 +261,7 @@ def plot_tradeoff(results: dict, path: str | Path) -> Path | None:
             by_method.setdefault(method.get("method", label), []).append(
                 (_steps(method), x, y, label)
             )
+        labelled = []
         for name, points in by_method.items():
             colour = colours.setdefault(name, f"C{len(colours) % 10}")
             points.sort()
@@ -235,24 +271,18 @@ def plot_tradeoff(results: dict, path: str | Path) -> Path | None:
                 )
             for _, x, y, label in points:
                 ax.plot([x], [y], "o", color=colour)
-                # Labels of methods on one spot stack downwards, so each stays readable.
-                spot = (round(x, 3), round(y, 3))
-                offset = 4 - 11 * placed.get(spot, 0)
-                placed[spot] = placed.get(spot, 0) + 1
-                ax.annotate(
-                    label, (x, y), textcoords="offset points", xytext=(5, offset), fontsize=8
-                )
+                labelled.append((x, y, label, colour))
+        ax.margins(0.15)
+        ax.ticklabel_format(useOffset=False)
+        to_label.append((ax, labelled))
         ax.set_xlabel(x_label)
         ax.set_ylabel(y_label)
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
-        if x_key == "editability":  # shares: the whole [0, 1] square, comparable across runs
-            ax.set_xlim(-0.03, 1.03)
-            ax.set_ylim(-0.03, 1.03)
-        else:
-            ax.margins(0.15)
-            ax.ticklabel_format(useOffset=False)
     figure.suptitle(f"reconstruction vs editability: {Path(str(results['suite'])).name}")
+    figure.draw_without_rendering()  # final layout first: labels are placed in display space
+    for ax, labelled in to_label:
+        _place_labels(ax, labelled)
     path = Path(path)
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120)
