@@ -19,7 +19,7 @@ On a GPU it also measures steps/s at batch 1, 4 and 8 in bf16 and the fraction o
 UNet's own forward+backward rate that a whole step reaches (UNet fwd+bwd alone, same
 batch, as the reference: fraction = t_unet / t_step).
 
-    python benchmarks/bench_inversion.py                 # tiny sd1 built on the fly (~1 min)
+    python benchmarks/bench_inversion.py --model tiny    # tiny sd1 built on the fly (~1 min)
     python benchmarks/bench_inversion.py --model checkpoints/world --steps 50
 """
 
@@ -275,13 +275,14 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--model",
         default=None,
-        help="diffusers folder (default: checkpoints/world if built, else a tiny sd1)",
+        help="diffusers folder, or 'tiny' for a tiny random model of --family built on the fly "
+        "(default: checkpoints/world if present, else tiny)",
     )
     parser.add_argument(
         "--family",
         default="sd1",
         choices=["sd1", "sd2", "sdxl"],
-        help="tiny model family when --model is not given",
+        help="family of the tiny model",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=40)
@@ -301,7 +302,7 @@ def main(argv=None) -> int:
         world = REPO / "checkpoints" / "world" / "model_index.json"
         if model is None and world.is_file():
             model = str(world.parent)
-        if model is None:
+        if model is None or model == "tiny":
             from oneword.tiny import build_tiny_pipeline
 
             model = str(build_tiny_pipeline(Path(scratch) / args.family, args.family))

@@ -574,6 +574,13 @@ def test_benchmark_runs(capsys):
     )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench.main(["--steps", "8", "--warmup", "2", "--device", "cpu"]) == 0
+    assert bench.main(["--model", "tiny", "--steps", "8", "--warmup", "2", "--device", "cpu"]) == 0
     table = capsys.readouterr().out
     assert "| oneword |" in table and "| reference (diffusers-style) |" in table and "x |" in table
+    assert "checkpoints/world" not in table  # --model tiny: the tiny model, not the world
+    import re
+
+    bound = re.search(
+        r"UNet forward \+ backward alone .*: ([0-9.]+) s = .* can gain: ([0-9.]+)x", table
+    )
+    assert bound and float(bound.group(1)) > 0 and float(bound.group(2)) > 1

@@ -309,3 +309,32 @@ def test_vae_decoder_stage_keeps_the_latent_space(tmp_path):
     assert kept and all(torch.equal(b[k], a[k]) for k in kept)
     assert any(not torch.equal(b[k], a[k]) for k in b if k.startswith("decoder."))
     assert StageState(cfg, "vae_decoder").done
+
+
+def test_a_unet_with_attention_at_more_levels_starts_as_exactly_the_one_it_grows_from(tmp_path):
+    from oneword.errors import OnewordError
+    from oneword.world.train import build_unet, warm_start_unet
+
+    cfg = replace(WorldTrainConfig(), **PRESETS["tiny"])
+    torch.manual_seed(0)
+    small = build_unet(cfg, 8).eval()
+    small.save_pretrained(tmp_path / "small")
+    grown = build_unet(replace(cfg, unet_attention_levels=3), 8).eval()
+    assert grown.config.down_block_types[0] == "CrossAttnDownBlock2D"
+    info = warm_start_unet(grown, tmp_path / "small")
+    assert info["new"] and all(".attentions." in name for name in info["new"])
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    text = torch.randn(2, 77, cfg.text_width)
+    with torch.no_grad():
+        torch.testing.assert_close(grown(x, t, text).sample, small(x, t, text).sample)
+    # The new blocks are trainable: after one step the grown model differs.
+    grown.train()
+    grown(x, t, text).sample.square().mean().backward()
+    new_grads = [p.grad for n, p in grown.named_parameters() if n in info["new"]]
+    assert any(g is not None and g.abs().sum() > 0 for g in new_grads)
+    # Another architecture is refused with the tensor that does not fit.
+    other = build_unet(replace(cfg, unet_channels=(16, 32, 48)), 8)
+    with pytest.raises(OnewordError, match="not a subset of this UNet"):
+        warm_start_unet(other, tmp_path / "small")
+    with pytest.raises(OnewordError, match="--unet-attention-levels must be 1..3"):
+        build_unet(replace(cfg, unet_attention_levels=4), 8)

@@ -33,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..datasets import world
+from ..errors import OnewordError
 from ..io import atomic_path, atomic_write_text
 from .oracle import Oracle, OracleConfig, oracle_accuracy
 
@@ -97,6 +98,15 @@ class WorldTrainConfig:
     unet_warmup: int = 200
     unet_channels: tuple[int, ...] = (64, 128, 128)
     unet_layers: int = 1
+    # Levels, counted from the lowest resolution up, whose blocks carry transformer blocks
+    # (self- and cross-attention to the caption). 2 of 3: 8x8 and 4x4 (v2). SD 1.x has them
+    # at every level but its lowest; all 3 here adds text conditioning at 16x16, where the
+    # patterns (2-3 latent pixels per period) are drawn, at ~2x the step time.
+    unet_attention_levels: int = 2
+    # A diffusers UNet folder to start from: tensors whose name and shape match are copied;
+    # transformer blocks the folder lacks start as identities (zero output projection), so
+    # the model begins as exactly the folder's UNet.
+    unet_init: str = ""
     # Renders encoded once by the VAE and reused (posterior mean and std, sampled per step);
     # captions stay fresh every step. 0 = render and encode every batch.
     unet_pool: int = 40000
@@ -417,20 +427,56 @@ def build_unet(cfg: WorldTrainConfig, latent_size: int):
 
     channels = tuple(cfg.unet_channels)
     n = len(channels)
+    attended = cfg.unet_attention_levels
+    if not 1 <= attended <= n:
+        raise OnewordError(f"--unet-attention-levels must be 1..{n} (levels), got {attended}")
+    # By default no attention at the 16x16 level: it costs ~2-3x the step time on a 2-core
+    # CPU (measured: 0.83 s vs 3.0 s per batch of 96); cross-attention at 8x8 and 4x4 binds
+    # words. Levels are listed from the highest resolution down.
+    plain = n - attended
     return UNet2DConditionModel(
         sample_size=latent_size,
         in_channels=4,
         out_channels=4,
         block_out_channels=channels,
         layers_per_block=cfg.unet_layers,
-        # No attention at the 16x16 level: it cost 3x the step time on a 2-core CPU
-        # (measured: 0.83 s vs 3.0 s per batch of 96); cross-attention at 8x8 and 4x4 binds words.
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        down_block_types=("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * attended,
+        up_block_types=("CrossAttnUpBlock2D",) * attended + ("UpBlock2D",) * plain,
         cross_attention_dim=cfg.text_width,
         attention_head_dim=8,
         norm_num_groups=8,
     )
+
+
+def warm_start_unet(unet, folder: str | Path) -> dict:
+    """Copy a saved UNet's matching tensors into `unet`; new transformer blocks become
+    identities (their output projection zeroed: Transformer2DModel adds it to its input).
+
+    Returns {"copied": n, "new": [names of tensors the folder lacks]}. A tensor present in
+    both with another shape is an error (the folder is another architecture, not a subset).
+    """
+    from diffusers import UNet2DConditionModel
+
+    source = UNet2DConditionModel.from_pretrained(str(folder), torch_dtype=torch.float32)
+    theirs, ours = source.state_dict(), unet.state_dict()
+    mismatched = [k for k in theirs if k in ours and theirs[k].shape != ours[k].shape]
+    missing = [k for k in theirs if k not in ours]
+    if mismatched or missing:
+        raise OnewordError(
+            f"--unet-init {folder}: not a subset of this UNet ({len(mismatched)} tensors of "
+            f"another shape, e.g. {(mismatched or missing)[0]}; {len(missing)} unknown); "
+            "match --unet-channels and --unet-layers to it"
+        )
+    new = sorted(set(ours) - set(theirs))
+    unet.load_state_dict(theirs, strict=False)
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if type(module).__name__ == "Transformer2DModel" and any(
+                k.startswith(name + ".proj_out") for k in new
+            ):
+                module.proj_out.weight.zero_()
+                module.proj_out.bias.zero_()
+    return {"copied": len(theirs), "new": new}
 
 
 def noise_scheduler_config() -> dict:
@@ -890,7 +936,12 @@ def train_unet(cfg: WorldTrainConfig, device: torch.device) -> dict:
     scaling = float(vae.config.scaling_factor)
     noise_scheduler = DDPMScheduler.from_config(noise_scheduler_config())
     latent_size = cfg.resolution // 2 ** (len(cfg.vae_channels) - 1)
-    unet = build_unet(cfg, latent_size).to(device)
+    unet = build_unet(cfg, latent_size)
+    if cfg.unet_init and not StageState(cfg, "unet").path.exists():  # a resume has its own
+        started_from = warm_start_unet(unet, cfg.unet_init)
+        _log(cfg, "unet-init", {"from": cfg.unet_init, "copied": started_from["copied"],
+                                "new": len(started_from["new"])})  # fmt: skip
+    unet = unet.to(device)
     ema = copy.deepcopy(unet).requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
     warmup = max(1, cfg.unet_warmup)
