@@ -81,6 +81,11 @@ def merge(runs: list[Path]) -> tuple[dict, dict[str, Path]]:
     return merged, grids
 
 
+def _short(commit) -> str:
+    """Abbreviated commit(s): "abc1234" or "abc1234 + def5678" for pooled rows."""
+    return " + ".join(part[:7] for part in str(commit).split(" + "))
+
+
 def _read(run: Path) -> dict:
     from oneword.errors import OnewordError
 
@@ -140,11 +145,12 @@ def pool(runs: list[Path]) -> tuple[dict, dict[str, Path], list[str]]:
         )
         method["source"] = {
             "run": " + ".join(part["source"]["run"] for part in parts),
-            "commit": " + ".join(str(part["source"]["commit"])[:7] for part in parts),
+            "commit": " + ".join(str(part["source"]["commit"]) for part in parts),
             "date": parts[-1]["source"]["date"],
             "check": checks.pop() if len(checks) == 1 else "mixed",
         }
         pooled["methods"][label] = method
+    pooled["commit"] = " + ".join(dict.fromkeys(str(m.get("commit")) for m, _ in merged))
     pooled["merged_from"] = [str(run) for run in runs]
     return pooled, {k: v for k, v in grids.items() if k in labels}, left_out
 
@@ -178,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, method in merged["methods"].items():
         source = method["source"]
         sources.append(
-            f"- {label}: `{source['run']}` (commit {str(source['commit'])[:7]}, "
+            f"- {label}: `{source['run']}` (commit {_short(source['commit'])}, "
             f"{source['date']}, check {source['check']})"
         )
     if left_out:
