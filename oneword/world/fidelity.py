@@ -169,9 +169,7 @@ def measure_fidelity(
     pixels = torch.cat(images)
     result = score(oracle, pixels, all_scenes, confusion=True)
     report = {
-        "per_attribute": {a: result[a] for a in world.ATTRIBUTES},
-        "all": result["all"],
-        "per_value": {a: per_value(result["confusion"][a]) for a in world.ATTRIBUTES},
+        **_shares(result),
         "confusion": result["confusion"],
         "n": len(all_scenes),
         "captions": captions,
@@ -206,7 +204,11 @@ def _vae_ceiling(vae, oracle: Oracle, scenes, device) -> dict:
         x = pixels[start : start + 64].float() / 127.5 - 1
         y = vae.decode(vae.encode(x).latent_dist.mean).sample
         rebuilt.append(((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
-    result = score(oracle, torch.cat(rebuilt), scenes, confusion=True)
+    return _shares(score(oracle, torch.cat(rebuilt), scenes, confusion=True))
+
+
+def _shares(result: dict) -> dict:
+    """A `score(..., confusion=True)` result as report fields: per attribute, all, per value."""
     return {
         "per_attribute": {a: result[a] for a in world.ATTRIBUTES},
         "all": result["all"],
@@ -253,13 +255,11 @@ def run_fidelity(args) -> int:
         if ceiling:
             extra = f" {ceiling['per_attribute'].get(attribute, ceiling['all']):.1%} |"
         print(f"| {attribute} | {value:.1%} |{extra}")
-    for attribute, values in report["per_value"].items():
-        shares = ", ".join(f"{v} {share:.0%}" for v, share in sorted(values.items()))
-        print(f"{attribute} (samples): {shares}")
-        if ceiling:
-            values = ceiling["per_value"][attribute]
-            shares = ", ".join(f"{v} {share:.0%}" for v, share in sorted(values.items()))
-            print(f"{attribute} (VAE round trip): {shares}")
+    for attribute in report["per_value"]:
+        for name, source in (("samples", report), ("VAE round trip", ceiling)):
+            if source is not None:
+                values = sorted(source["per_value"][attribute].items())
+                print(f"{attribute} ({name}): " + ", ".join(f"{v} {x:.0%}" for v, x in values))
     if args.json:
         from ..io import atomic_write_text
 
