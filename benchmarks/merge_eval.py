@@ -49,12 +49,12 @@ def merge(runs: list[Path]) -> tuple[dict, dict[str, Path]]:
         path, results = run / "results.json", _read(run)
         if merged is None:
             merged = {**results, "methods": {}}
-        for key in SAME:
-            if str(results.get(key)) != str(merged.get(key)):
-                raise OnewordError(
-                    f"{path}: {key} is {results.get(key)!r}, but the first run's is "
-                    f"{merged.get(key)!r}; merge only runs made with the same settings"
-                )
+        key = _first_difference(results, merged, SAME)
+        if key is not None:
+            raise OnewordError(
+                f"{path}: {key} is {results.get(key)!r}, but the first run's is "
+                f"{merged.get(key)!r}; merge only runs made with the same settings"
+            )
         check = results.get("config", {}).get("check") or "loss"
         for label, method in results["methods"].items():
             method = dict(method)
@@ -79,6 +79,11 @@ def merge(runs: list[Path]) -> tuple[dict, dict[str, Path]]:
                 row["check_score"] = None
     merged["merged_from"] = [str(run) for run in runs]
     return merged, grids
+
+
+def _first_difference(a: dict, b: dict, keys) -> str | None:
+    """The first of `keys` whose values differ between two results (as text), else None."""
+    return next((key for key in keys if str(a.get(key)) != str(b.get(key))), None)
 
 
 def _short(commit) -> str:
@@ -118,15 +123,13 @@ def pool(runs: list[Path]) -> tuple[dict, dict[str, Path], list[str]]:
         seen |= set(concepts)
     merged = [merge(group) for group in groups.values()]
     first, grids = merged[0][0], merged[0][1]
-    for key in SAME:
-        if key == "concepts":
-            continue
-        for other, _ in merged[1:]:
-            if str(other.get(key)) != str(first.get(key)):
-                raise OnewordError(
-                    f"--pool: {key} is {other.get(key)!r} in one concept set and "
-                    f"{first.get(key)!r} in another; pool only runs made with the same settings"
-                )
+    for other, _ in merged[1:]:
+        key = _first_difference(other, first, [k for k in SAME if k != "concepts"])
+        if key is not None:
+            raise OnewordError(
+                f"--pool: {key} is {other.get(key)!r} in one concept set and "
+                f"{first.get(key)!r} in another; pool only runs made with the same settings"
+            )
     labels = [label for label in first["methods"] if all(label in m["methods"] for m, _ in merged)]
     left_out = sorted({label for m, _ in merged for label in m["methods"]} - set(labels))
     config = merged[-1][0]["config"]

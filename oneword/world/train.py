@@ -937,7 +937,8 @@ def train_unet(cfg: WorldTrainConfig, device: torch.device) -> dict:
     noise_scheduler = DDPMScheduler.from_config(noise_scheduler_config())
     latent_size = cfg.resolution // 2 ** (len(cfg.vae_channels) - 1)
     unet = build_unet(cfg, latent_size)
-    if cfg.unet_init and not StageState(cfg, "unet").path.exists():  # a resume has its own
+    state = StageState(cfg, "unet")
+    if cfg.unet_init and not state.path.exists():  # a resume has its own weights
         started_from = warm_start_unet(unet, cfg.unet_init)
         _log(cfg, "unet-init", {"from": cfg.unet_init, "copied": started_from["copied"],
                                 "new": len(started_from["new"])})  # fmt: skip
@@ -958,7 +959,6 @@ def train_unet(cfg: WorldTrainConfig, device: torch.device) -> dict:
 
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     batches = Batches(cfg.seed + 6, cfg.resolution, device)
-    state = StageState(cfg, "unet")
     modules = {"unet": unet, "ema": ema}
     start_step = (
         _restore(state.load(), modules, optimizer, batches, lr_schedule)
