@@ -352,6 +352,42 @@ def test_eval_runs_the_encoder_methods(tiny_world_dir, tiny_encoder, tmp_path, c
     assert "need an encoder file" in capsys.readouterr().err
 
 
+def test_refine_settings_in_the_method_argument_reach_encode(monkeypatch):
+    import oneword.encode
+    from oneword.encoder import methods
+    from oneword.evaluation.harness import MethodRun, parse_methods
+
+    assert methods.refine_settings("50:lr=1e-2:l2=0") == {
+        "refine_steps": 50,
+        "refine_lr": 0.01,
+        "l2_weight": 0.0,
+    }
+    assert methods.refine_settings("7") == {"refine_steps": 7}
+    assert methods.refine_settings(None) == {}
+    for bad, message in [
+        ("50:lr=x", "lr='x' is not a number"),
+        ("50:momentum=1", "unknown setting 'momentum=1'"),
+        ("50:l2=1:l2=2", "l2 is given twice"),
+        ("50:l2=-1", "l2-weight must be >= 0"),
+        ("lr=1e-2", "starts with a step count"),
+    ]:
+        with pytest.raises(OnewordError, match=message):
+            parse_methods(f"encoder+refine:{bad}")
+
+    seen = {}
+
+    def fake_encode(model, encoder, images, token, **settings):
+        seen.update(settings)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(methods, "_encoder_and_tower", lambda run, model: (None, None))
+    monkeypatch.setattr(oneword.encode, "encode", fake_encode)
+    concept = type("Concept", (), {"class_word": "circle"})()
+    with pytest.raises(RuntimeError, match="stop here"):
+        methods.encoder_refine_method(None, concept, MethodRun("20:l2=0.5", "<t>", [], 0))
+    assert seen["refine_steps"] == 20 and seen["l2_weight"] == 0.5 and "refine_lr" not in seen
+
+
 # ---------------------------------------------------------------------------------------
 # oneword demo: encoder path, classic path, and a missing encoder
 

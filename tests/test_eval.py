@@ -664,3 +664,22 @@ def test_tradeoff_labels_of_coincident_points_do_not_overlap():
     for i, a in enumerate(boxes):
         for b in boxes[i + 1 :]:
             assert not a.overlaps(b), (a, b)
+
+
+def test_tradeoff_curves_join_step_counts_of_one_method_and_setting():
+    from oneword.evaluation.report import curves
+
+    def method(name, arg, steps, x):
+        return {"method": name, "arg": arg, "steps": steps, "identity": x, "editability": 0.5}
+
+    methods = {
+        "encoder+refine:50": method("encoder+refine", "50", 50, 0.3),
+        "encoder+refine:10": method("encoder+refine", "10", 10, 0.2),
+        "encoder+refine:50:l2=0": method("encoder+refine", "50:l2=0", 50, 0.4),
+        "classic:500": method("classic", "500", 500, 0.6),
+        "classword": {"method": "classword", "arg": None, "identity": None},
+    }
+    found = curves(methods, "identity", "editability")
+    assert [p[3] for p in found["encoder+refine"]] == ["encoder+refine:10", "encoder+refine:50"]
+    assert [p[3] for p in found["encoder+refine l2=0"]] == ["encoder+refine:50:l2=0"]
+    assert list(found) == ["encoder+refine", "encoder+refine l2=0", "classic"]

@@ -4,7 +4,9 @@
   cost = its seconds and no UNet pass.
 - "encoder+refine:K": the prediction, then K steps of classic inversion warm-started from
   it and pulled toward it (`oneword.encode`, default K = `EncodeConfig.refine_steps`);
-  cost = the encoder's seconds plus K UNet passes.
+  cost = the encoder's seconds plus K UNet passes. Refinement settings other than the
+  defaults follow the step count: "encoder+refine:50:lr=1e-2:l2=0" (`EncodeConfig`'s
+  `refine_lr` and `l2_weight`), so arms of one setting sit side by side in one report.
 
 Neither runs the quality check or the fallback: the harness measures quality itself.
 The encoder file is `EvalConfig.encoder` (`oneword eval --encoder FILE`), else
@@ -29,18 +31,43 @@ def _no_arg(arg: str | None) -> None:
         raise OnewordError(f"method encoder takes no argument, got encoder:{arg}")
 
 
-def refine_steps(arg: str | None) -> int | None:
-    """ "encoder+refine:K" -> K (None: `EncodeConfig`'s default)."""
-    from ..encode import MAX_REFINE_STEPS
+# "encoder+refine:K:NAME=VALUE" -> the `EncodeConfig` field it sets.
+REFINE_SETTINGS = {"lr": "refine_lr", "l2": "l2_weight"}
+
+
+def refine_settings(arg: str | None) -> dict:
+    """ "encoder+refine:K[:lr=X][:l2=Y]" -> `encode` settings: {"refine_steps": K,
+    "refine_lr": X, "l2_weight": Y}, each only when given (the rest: `EncodeConfig`'s)."""
+    from ..encode import MAX_REFINE_STEPS, EncodeConfig
 
     if arg is None:
-        return None
-    if not arg.isdigit() or not 1 <= int(arg) <= MAX_REFINE_STEPS:
+        return {}
+    steps, *options = arg.split(":")
+    if not steps.isdigit() or not 1 <= int(steps) <= MAX_REFINE_STEPS:
         raise OnewordError(
-            f"encoder+refine:{arg}: the argument is a step count in 1..{MAX_REFINE_STEPS}, "
-            "e.g. encoder+refine:50"
+            f"encoder+refine:{arg}: the argument starts with a step count in "
+            f"1..{MAX_REFINE_STEPS}, e.g. encoder+refine:50 or encoder+refine:50:lr=1e-2:l2=0"
         )
-    return int(arg)
+    settings: dict = {"refine_steps": int(steps)}
+    for option in options:
+        key, _, text = option.partition("=")
+        if key not in REFINE_SETTINGS or not text:
+            raise OnewordError(
+                f"encoder+refine:{arg}: unknown setting {option!r}; give "
+                f"{' or '.join(f'{k}=NUMBER' for k in REFINE_SETTINGS)} after the step count"
+            )
+        field = REFINE_SETTINGS[key]
+        if field in settings:
+            raise OnewordError(f"encoder+refine:{arg}: {key} is given twice")
+        try:
+            settings[field] = float(text)
+        except ValueError:
+            raise OnewordError(f"encoder+refine:{arg}: {key}={text!r} is not a number") from None
+    try:  # the same range checks as `oneword encode`
+        EncodeConfig(**settings).check_values()
+    except OnewordError as error:
+        raise OnewordError(f"encoder+refine:{arg}: {error}") from None
+    return settings
 
 
 def _encoder_and_tower(run, model):
@@ -65,7 +92,7 @@ def _encoder_and_tower(run, model):
     return _LOADED[key]
 
 
-def _learn(model, concept, run, steps: int):
+def _learn(model, concept, run, steps: int, **settings):
     from ..encode import encode
     from ..evaluation.harness import LearnedToken
 
@@ -79,6 +106,7 @@ def _learn(model, concept, run, steps: int):
         class_word=concept.class_word,
         tower=tower,
         refine_steps=steps,
+        **settings,
         check="none",
         fallback=False,
         seed=run.seed,
@@ -123,8 +151,9 @@ def encoder_refine_method(model, concept, run):
     """The prediction, then K refinement steps ("encoder+refine:K")."""
     from ..encode import EncodeConfig
 
-    steps = refine_steps(run.arg)
-    return _learn(model, concept, run, EncodeConfig().refine_steps if steps is None else steps)
+    settings = refine_settings(run.arg)
+    steps = settings.pop("refine_steps", EncodeConfig().refine_steps)
+    return _learn(model, concept, run, steps, **settings)
 
 
 def register_encoder_methods() -> None:
@@ -132,7 +161,7 @@ def register_encoder_methods() -> None:
     from ..evaluation.harness import register_method
 
     register_method("encoder", encoder_method, _no_arg)
-    register_method("encoder+refine", encoder_refine_method, refine_steps)
+    register_method("encoder+refine", encoder_refine_method, refine_settings)
 
 
-__all__ = ["encoder_method", "encoder_refine_method", "refine_steps", "register_encoder_methods"]
+__all__ = ["encoder_method", "encoder_refine_method", "refine_settings", "register_encoder_methods"]

@@ -228,6 +228,24 @@ def _place_labels(ax, points: list[tuple[float, float, str, str]], fontsize: int
         )
 
 
+def curves(methods: dict, x_key: str, y_key: str) -> dict[str, list[tuple]]:
+    """The trade-off figure's curves: curve name -> [(steps, x, y, label)] sorted by steps.
+
+    One curve per method and settings: "encoder+refine:50:lr=1e-2" joins
+    "encoder+refine:10:lr=1e-2", not "encoder+refine:50". Methods without both values
+    are left out.
+    """
+    found: dict[str, list] = {}
+    for label, method in methods.items():
+        x, y = method.get(x_key), method.get(y_key)
+        if x is None or y is None:
+            continue
+        settings = (method.get("arg") or "").partition(":")[2]
+        name = f"{method.get('method', label)} {settings}".strip()
+        found.setdefault(name, []).append((_steps(method), x, y, label))
+    return {name: sorted(points) for name, points in found.items()}
+
+
 def plot_tradeoff(results: dict, path: str | Path) -> Path | None:
     """Write the trade-off figure (one panel per available metric pair); None if no
     method has any pair measured."""
@@ -253,18 +271,9 @@ def plot_tradeoff(results: dict, path: str | Path) -> Path | None:
     colours: dict[str, str] = {}
     to_label = []
     for ax, (x_key, y_key, x_label, y_label, title) in zip(axes, panels):
-        by_method: dict[str, list] = {}
-        for label, method in methods.items():
-            x, y = method.get(x_key), method.get(y_key)
-            if x is None or y is None:
-                continue
-            by_method.setdefault(method.get("method", label), []).append(
-                (_steps(method), x, y, label)
-            )
         labelled = []
-        for name, points in by_method.items():
+        for name, points in curves(methods, x_key, y_key).items():
             colour = colours.setdefault(name, f"C{len(colours) % 10}")
-            points.sort()
             if len(points) > 1:  # one method at growing step counts: the trade-off curve
                 ax.plot(
                     [p[1] for p in points], [p[2] for p in points], "-", color=colour, alpha=0.5
