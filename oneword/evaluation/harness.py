@@ -756,7 +756,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         "--methods",
         default=",".join(defaults.methods),
         help=f"comma-separated NAME[:ARG] (known: {', '.join(sorted(METHODS))}; "
-        "classic:STEPS); default: %(default)s",
+        "classic:STEPS, encoder+refine:STEPS[:lr=X][:l2=Y]); default: %(default)s",
     )
     add("--samples", type=int, default=defaults.samples, help="samples per prompt per concept")
     add("--seed", type=int, default=defaults.seed)
