@@ -651,6 +651,7 @@ def test_tradeoff_labels_of_coincident_points_do_not_overlap():
     FigureCanvasAgg(figure)
     ax = figure.subplots()
     points = [(0.3 + 0.001 * i, 0.3, f"classic:{50 * (i + 1)}", "C0") for i in range(6)]
+    points.append((0.45, 0.26, "encoder", "C1"))
     ax.plot([0, 1], [0, 1], ".")
     figure.draw_without_rendering()
     _place_labels(ax, points)
@@ -660,10 +661,17 @@ def test_tradeoff_labels_of_coincident_points_do_not_overlap():
 
     # The text's own box (an Annotation's extent would include its leader line).
     boxes = [Text.get_window_extent(text, renderer) for text in ax.texts]
-    assert len(boxes) == 6
+    assert len(boxes) == 7
     for i, a in enumerate(boxes):
         for b in boxes[i + 1 :]:
             assert not a.overlaps(b), (a, b)
+    # No label runs through another point's marker (the lone point sits where a label
+    # shifted below the pile would otherwise go).
+    for x, y, text, _ in points:
+        px, py = ax.transData.transform((x, y))
+        for label, box in zip(ax.texts, boxes):
+            if label.get_text() != text:
+                assert not box.contains(px, py), (text, label.get_text())
 
 
 def test_tradeoff_curves_join_step_counts_of_one_method_and_setting():

@@ -194,15 +194,20 @@ def _steps(method: dict) -> float:
 
 
 def _place_labels(ax, points: list[tuple[float, float, str, str]], fontsize: int = 8) -> None:
-    """Label each (x, y, text, colour) point without two labels overlapping.
+    """Label each (x, y, text, colour) point without a label covering another label or
+    another point's marker.
 
     Greedy, in display points: each label goes right of its point at the first vertical
-    offset (0, -10, +10, -20, ...) whose box misses every label placed so far; a label moved
-    away from its point gets a thin leader line.
+    offset (0, -10, +10, -20, ...) whose box misses every marker and every label placed so
+    far; a label moved away from its point gets a thin leader line.
     """
     to_points = 72.0 / ax.figure.dpi
-    boxes: list[tuple[float, float, float, float]] = []  # x0, y0, x1, y1 in points
-    height, char = fontsize * 1.25, fontsize * 0.6
+    height, char, marker = fontsize * 1.25, fontsize * 0.6, 3.5
+    # x0, y0, x1, y1 in points: the markers first (a label starts right of its own one).
+    boxes: list[tuple[float, float, float, float]] = []
+    for x, y, _, _ in points:
+        px, py = (v * to_points for v in ax.transData.transform((x, y)))
+        boxes.append((px - marker, py - marker, px + marker, py + marker))
     order = sorted(points, key=lambda p: -ax.transData.transform((p[0], p[1]))[1])
     for x, y, text, colour in order:
         px, py = (v * to_points for v in ax.transData.transform((x, y)))
