@@ -92,7 +92,8 @@ def _encoder_and_tower(run, model):
     return _LOADED[key]
 
 
-def _learn(model, concept, run, steps: int, **settings):
+def _learn(model, concept, run, method: str, **settings):
+    """`encode` with `settings` (what is not given: `EncodeConfig`'s defaults), no check."""
     from ..encode import encode
     from ..evaluation.harness import LearnedToken
 
@@ -105,7 +106,6 @@ def _learn(model, concept, run, steps: int, **settings):
         run.token,
         class_word=concept.class_word,
         tower=tower,
-        refine_steps=steps,
         **settings,
         check="none",
         fallback=False,
@@ -122,7 +122,7 @@ def _learn(model, concept, run, steps: int, **settings):
         "refine_seconds": result.timings.get("refine", 0.0),
         "seconds": seconds,
     }
-    embedding = _embedding(result, concept, model, "encoder" if steps == 0 else "encoder+refine")
+    embedding = _embedding(result, concept, model, method)
     return LearnedToken(run.token, [result.placeholder], cost, embedding)
 
 
@@ -144,16 +144,12 @@ def _embedding(result, concept, model, method: str):
 def encoder_method(model, concept, run):
     """The encoder's prediction alone (no UNet pass)."""
     _no_arg(run.arg)
-    return _learn(model, concept, run, 0)
+    return _learn(model, concept, run, "encoder", refine_steps=0)
 
 
 def encoder_refine_method(model, concept, run):
     """The prediction, then K refinement steps ("encoder+refine:K")."""
-    from ..encode import EncodeConfig
-
-    settings = refine_settings(run.arg)
-    steps = settings.pop("refine_steps", EncodeConfig().refine_steps)
-    return _learn(model, concept, run, steps, **settings)
+    return _learn(model, concept, run, "encoder+refine", **refine_settings(run.arg))
 
 
 def register_encoder_methods() -> None:
