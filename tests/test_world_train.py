@@ -338,3 +338,69 @@ def test_a_unet_with_attention_at_more_levels_starts_as_exactly_the_one_it_grows
         warm_start_unet(other, tmp_path / "small")
     with pytest.raises(OnewordError, match="--unet-attention-levels must be 1..3"):
         build_unet(replace(cfg, unet_attention_levels=4), 8)
+
+
+def test_object_crops_hold_the_object_on_the_latent_grid():
+    from oneword.datasets import world
+    from oneword.errors import OnewordError
+    from oneword.world.train import object_crops
+
+    scenes = [
+        world.Scene("circle", "red", "solid", "blue", "small", position)
+        for position in world.POSITIONS
+    ]
+    pixels = world.render(scenes)
+    for seed in range(3):
+        crops = object_crops(pixels, scenes, 32, 8, torch.Generator().manual_seed(seed))
+        assert crops.shape == (5, 3, 32, 32)
+        for crop in crops:
+            red = (crop[0] > 150) & (crop[2] < 100)  # the object's pixels
+            # A small circle is ~17 px across: all of it is inside the crop.
+            assert red.sum() >= 150, int(red.sum())
+        # Each crop is the render at a corner on the 8-pixel grid.
+        for i, crop in enumerate(crops):
+            hits = [
+                (x, y)
+                for y in range(0, 33, 8)
+                for x in range(0, 33, 8)
+                if torch.equal(pixels[i, :, y : y + 32, x : x + 32], crop)
+            ]
+            assert hits
+    with pytest.raises(OnewordError, match="must be a multiple of 8"):
+        object_crops(pixels, scenes, 30, 8, torch.Generator())
+
+
+def test_sixteen_channel_latents_train_and_sample(tmp_path):
+    """--vae-latent-channels reaches the VAE, the UNet and the samplers (SD3's VAEs have 16)."""
+    from diffusers import StableDiffusionPipeline
+
+    cfg = replace(
+        WorldTrainConfig(out=str(tmp_path / "w"), work=str(tmp_path / "work")), **PRESETS["tiny"]
+    )
+    train_world(replace(cfg, vae_channels=(8, 16, 16, 16), vae_latent_channels=16, vae_crop=32,
+                        unet_attention_levels=3, unet_attention_heads=2))  # fmt: skip
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "w", local_files_only=True)
+    assert pipe.vae.config.latent_channels == pipe.unet.config.in_channels == 16
+    assert pipe.unet.config.sample_size == 8  # 64 px / 8
+    assert list(pipe.unet.config.down_block_types) == ["CrossAttnDownBlock2D"] * 3
+    image = pipe("a red star", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 64, 64, 3)
+
+
+def test_stages_side_by_side_wait_for_what_they_read(tmp_path):
+    """--jobs 2: CLIP and VAE run at once, the oracle after the VAE, alone with 2 threads."""
+    cfg = replace(
+        WorldTrainConfig(out=str(tmp_path / "w"), work=str(tmp_path / "work")), **PRESETS["tiny"]
+    )
+    infos = train_world(replace(cfg, stages=("clip", "vae", "oracle"), jobs=2))
+    assert set(infos) == {"clip", "vae", "oracle"}
+    assert all(StageState(cfg, s).done for s in ("clip", "vae", "oracle"))
+    assert (tmp_path / "work" / "oracle" / "threads").read_text() == "2"
+    records = [json.loads(line) for line in (tmp_path / "work" / "log.jsonl").open()]
+    assert [r for r in records if r["stage"] == "run"][0]["jobs"] == 2
+    # A stage whose inputs are neither done nor asked for is refused before anything runs.
+    from oneword.errors import OnewordError
+
+    other = replace(cfg, work=str(tmp_path / "work2"), stages=("unet",), jobs=2)
+    with pytest.raises(OnewordError, match=r"need \['clip', 'vae'\] done first"):
+        train_world(other)

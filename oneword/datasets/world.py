@@ -188,6 +188,12 @@ class Scene:
     def identity(self) -> Identity:
         return Identity(self.shape, self.colour, self.pattern)
 
+    @property
+    def centre(self) -> tuple[float, float]:
+        """The object's centre (x, y) in fractions of the image side, jitter included."""
+        x, y = _CENTRES[self.position]
+        return x + self.dx, y + self.dy
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field (round-trips through `Scene(**d)`)."""
         return {f: getattr(self, f) for f in self.__dataclass_fields__}
@@ -534,8 +540,8 @@ def render(
     def column(values: list[float]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)
 
-    centre_x = column([_CENTRES[s.position][0] + s.dx for s in ordered])
-    centre_y = column([_CENTRES[s.position][1] + s.dy for s in ordered])
+    centre_x = column([s.centre[0] for s in ordered])
+    centre_y = column([s.centre[1] for s in ordered])
     radius = [_RADIUS[s.size] for s in ordered]
     theta = [math.radians(s.rotation) for s in ordered]
     cos_r = column([math.cos(t) / r for t, r in zip(theta, radius)])

@@ -38,7 +38,8 @@ def ddim_sample(
     scheduler.set_timesteps(steps)
     device = cond.device
     size = unet.config.sample_size
-    latents = torch.randn((cond.shape[0], 4, size, size), generator=generator).to(device)
+    channels = unet.config.in_channels
+    latents = torch.randn((cond.shape[0], channels, size, size), generator=generator).to(device)
     dtype = next(unet.parameters()).dtype
     for t in scheduler.timesteps:
         both = torch.cat([latents, latents]).to(dtype)

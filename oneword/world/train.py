@@ -56,6 +56,10 @@ class WorldTrainConfig:
     # CPU threads for torch (0 = torch's default). On a shared 2-core machine, 1 thread per
     # process beats 2 threads fighting another job (measured: 0.6 s vs 7 s per VAE step).
     threads: int = 0
+    # Stages run side by side, one process each (1 = one after another). With 2 on a 2-core
+    # CPU, the CLIP trains beside the VAE and the oracle beside the UNet, one thread each;
+    # a stage left running alone is raised to all `jobs` threads (see `train_world`).
+    jobs: int = 1
     stages: tuple[str, ...] = STAGES
     save_every: int = 500  # steps between resumable checkpoints
     # Optional wall-time caps per stage ({"unet": 300, ...}); a capped stage ends early, still
@@ -84,6 +88,13 @@ class WorldTrainConfig:
     vae_edge_weight: float = 1.0
     vae_decoder_steps: int = 1000  # the optional vae_decoder stage (steps of vae_batch)
     vae_channels: tuple[int, ...] = (32, 64, 64)
+    # Train the VAE on square crops of this side around the object (0 = whole images).
+    # The object is 5-20% of a 64x64 render, so whole images spend most of the loss and
+    # compute on flat background; the VAE is convolutional and learns the same mapping on
+    # crops at a quarter of the cost per image.
+    vae_crop: int = 0
+    # Latent channels (SD 1.x/2.x/XL: 4; SD3: 16). The UNet reads and writes this many.
+    vae_latent_channels: int = 4
     # oracle
     oracle_steps: int = 1500
     oracle_batch: int = 256
@@ -103,6 +114,10 @@ class WorldTrainConfig:
     # at every level but its lowest; all 3 here adds text conditioning at 16x16, where the
     # patterns (2-3 latent pixels per period) are drawn, at ~2x the step time.
     unet_attention_levels: int = 2
+    # Attention heads per transformer block (diffusers' `attention_head_dim`, which its
+    # UNet reads as a head count; SD 1.x: 8). Fewer, wider heads are cheaper on a CPU
+    # (measured: with attention at 16x16, 2 heads instead of 8 cut the step by ~25%).
+    unet_attention_heads: int = 8
     # A diffusers UNet folder to start from: tensors whose name and shape match are copied;
     # transformer blocks the folder lacks start as identities (zero output projection), so
     # the model begins as exactly the folder's UNet.
@@ -412,7 +427,7 @@ def build_vae(cfg: WorldTrainConfig):
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        latent_channels=4,
+        latent_channels=cfg.vae_latent_channels,
         block_out_channels=tuple(cfg.vae_channels),
         down_block_types=("DownEncoderBlock2D",) * n,
         up_block_types=("UpDecoderBlock2D",) * n,
@@ -436,14 +451,14 @@ def build_unet(cfg: WorldTrainConfig, latent_size: int):
     plain = n - attended
     return UNet2DConditionModel(
         sample_size=latent_size,
-        in_channels=4,
-        out_channels=4,
+        in_channels=cfg.vae_latent_channels,
+        out_channels=cfg.vae_latent_channels,
         block_out_channels=channels,
         layers_per_block=cfg.unet_layers,
         down_block_types=("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * attended,
         up_block_types=("CrossAttnUpBlock2D",) * attended + ("UpBlock2D",) * plain,
         cross_attention_dim=cfg.text_width,
-        attention_head_dim=8,
+        attention_head_dim=cfg.unet_attention_heads,
         norm_num_groups=8,
     )
 
@@ -539,6 +554,8 @@ def _run_loop(
     bar = tqdm(range(start_step, steps), desc=f"world {stage}", initial=start_step, total=steps)
     step = start_step
     for step in bar:
+        if step % 25 == 0:
+            _follow_threads(cfg, stage)
         loss, info = step_fn()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -791,6 +808,30 @@ def _export_vae(cfg, vae, state: StageState, steps: int, device, *, scaling: flo
     return info
 
 
+def object_crops(
+    pixels: torch.Tensor, scenes, size: int, align: int, generator: torch.Generator
+) -> torch.Tensor:
+    """(n, 3, H, W) renders -> (n, 3, size, size) crops that hold each scene's object centre,
+    at a random offset around it; corners on multiples of `align` (the VAE's downsampling)."""
+    n, _, height, width = pixels.shape
+    if size % align or not align <= size <= min(height, width):
+        raise OnewordError(
+            f"--vae-crop {size} must be a multiple of {align} (the VAE's downsampling) "
+            f"between {align} and the resolution {min(height, width)}"
+        )
+    jitter = torch.rand(n, 2, generator=generator) - 0.5  # the centre anywhere in the middle half
+    crops = []
+    for i, scene in enumerate(scenes):
+        corner = []
+        for axis, limit in ((0, width), (1, height)):
+            centre = scene.centre[axis] * limit + float(jitter[i, axis]) * size / 2
+            start = round((centre - size / 2) / align) * align
+            corner.append(min(max(start, 0), limit - size))
+        x0, y0 = corner
+        crops.append(pixels[i, :, y0 : y0 + size, x0 : x0 + size])
+    return torch.stack(crops)
+
+
 def train_vae(cfg: WorldTrainConfig, device: torch.device) -> dict:
     """AutoencoderKL with L1 + L2 reconstruction and a tiny KL (SD's VAE is KL-regularised too)."""
     vae = build_vae(cfg).to(device)
@@ -804,8 +845,12 @@ def train_vae(cfg: WorldTrainConfig, device: torch.device) -> dict:
     for group in optimizer.param_groups:  # a resumed run may continue at a lower rate
         group["lr"] = cfg.vae_lr
 
+    align = 2 ** (len(cfg.vae_channels) - 1)  # crops on the latent grid: the same latents
+
     def step_fn():
-        pixels, *_ = batches.next(cfg.vae_batch)
+        pixels, _, _, scenes = batches.next(cfg.vae_batch)
+        if cfg.vae_crop:
+            pixels = object_crops(pixels, scenes, cfg.vae_crop, align, batches.generator)
         x = to_unit(pixels)
         with _autocast(device, cfg):
             posterior = vae.encode(x).latent_dist
@@ -926,6 +971,13 @@ def train_oracle(cfg: WorldTrainConfig, device: torch.device) -> dict:
     return info
 
 
+def _oracle_ready(cfg: WorldTrainConfig) -> bool:
+    """Whether the output folder holds a finished oracle (the UNet's fidelity checks read it)."""
+    exported = (Path(cfg.out) / "oracle" / "model.safetensors").is_file()
+    in_progress = StageState(cfg, "oracle").path.exists() and not StageState(cfg, "oracle").done
+    return exported and not in_progress
+
+
 def train_unet(cfg: WorldTrainConfig, device: torch.device) -> dict:
     """The denoiser: epsilon-prediction MSE on VAE latents, conditioned on the frozen text tower."""
     from diffusers import DDIMScheduler, DDPMScheduler
@@ -1034,7 +1086,9 @@ def train_unet(cfg: WorldTrainConfig, device: torch.device) -> dict:
         )
         if cap and step < target:
             break
-        if step < total:
+        if step < total and not _oracle_ready(cfg):
+            _log(cfg, "unet-fidelity", {"step": step, "skipped": "the oracle is not trained yet"})
+        elif step < total:
             unet.eval()
             record = {
                 "step": step,
@@ -1047,6 +1101,13 @@ def train_unet(cfg: WorldTrainConfig, device: torch.device) -> dict:
 
     # Keep the EMA weights if they are at least as faithful as the raw ones at the end.
     unet.eval()
+    while not _oracle_ready(cfg) and _threads_file(cfg, "oracle").exists():
+        time.sleep(5.0)  # the oracle is training beside the UNet (--jobs)
+    if not _oracle_ready(cfg):
+        raise OnewordError(
+            f"the UNet's final check needs the oracle in {Path(cfg.out) / 'oracle'}: "
+            "train it first (--stages oracle)"
+        )
     final = {
         "raw": quick_fidelity(unet, vae, tokenizer, text_encoder, cfg, device),
         "ema": quick_fidelity(ema, vae, tokenizer, text_encoder, cfg, device),
@@ -1103,8 +1164,94 @@ def write_pipeline_index(cfg: WorldTrainConfig, infos: dict) -> None:
     atomic_write_text(out / "world.json", json.dumps(facts, indent=2))
 
 
+# What each stage reads from the output folder (for running stages side by side).
+NEEDS: dict[str, tuple[str, ...]] = {
+    "clip": (),
+    "vae": (),
+    "vae_decoder": ("vae",),
+    "oracle": ("vae",),
+    "unet": ("clip", "vae"),
+}
+
+
+def _threads_file(cfg: WorldTrainConfig, stage: str) -> Path:
+    return Path(cfg.work) / stage / "threads"
+
+
+def _follow_threads(cfg: WorldTrainConfig, stage: str) -> None:
+    """Take the thread count the parent of a side-by-side run asks for (`--jobs`)."""
+    path = _threads_file(cfg, stage)
+    if path.is_file():
+        wanted = int(path.read_text() or 0)
+        if wanted > 0 and wanted != torch.get_num_threads():
+            torch.set_num_threads(wanted)
+            log.info("%s: now %d threads", stage, wanted)
+
+
+def _stage_worker(cfg_dict: dict, stage: str) -> None:
+    cfg = WorldTrainConfig(**cfg_dict)
+    logging.basicConfig(level=logging.INFO)
+    train_world(replace(cfg, stages=(stage,), jobs=1, threads=1))
+
+
+def _train_side_by_side(cfg: WorldTrainConfig) -> None:
+    """Run the unfinished stages of `cfg.stages` as up to `cfg.jobs` processes at once, each
+    as soon as the stages it reads (`NEEDS`) are done; one thread per process, and all
+    `cfg.jobs` threads for a stage that is left running alone with nothing to wait for."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # no forked torch thread pools
+    order = [s for s in (*STAGES, *OPTIONAL_STAGES) if s in cfg.stages]
+    pending = [s for s in order if not StageState(cfg, s).done]
+    unknown = [
+        n for s in pending for n in NEEDS[s] if n not in order and not StageState(cfg, n).done
+    ]
+    if unknown:
+        raise OnewordError(
+            f"stages {pending} need {sorted(set(unknown))} done first: add them to --stages"
+        )
+    running: dict[str, multiprocessing.Process] = {}
+    cfg_dict = asdict(cfg)
+    while pending or running:
+        for stage, process in list(running.items()):
+            if process.is_alive():
+                continue
+            process.join()
+            del running[stage]
+            if process.exitcode != 0 or not StageState(cfg, stage).done:
+                for other in running.values():
+                    other.terminate()
+                raise OnewordError(
+                    f"world stage {stage!r} failed (exit code {process.exitcode}); its state "
+                    f"is in {Path(cfg.work) / stage}, rerun the same command to resume"
+                )
+        ready = [s for s in pending if all(StageState(cfg, n).done for n in NEEDS[s])]
+        for stage in ready[: max(0, cfg.jobs - len(running))]:
+            pending.remove(stage)
+            _threads_file(cfg, stage).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(_threads_file(cfg, stage), "1")
+            process = context.Process(target=_stage_worker, args=(cfg_dict, stage), name=stage)
+            process.start()
+            running[stage] = process
+        if len(running) == 1:  # nothing else can start until it ends: give it every core
+            (alone,) = running
+            atomic_write_text(_threads_file(cfg, alone), str(cfg.jobs))
+        time.sleep(1.0)
+
+
 def train_world(cfg: WorldTrainConfig) -> dict:
-    """Run the missing stages in order and write the pipeline folder. Returns per-stage info."""
+    """Run the missing stages in order and write the pipeline folder. Returns per-stage info.
+
+    With `cfg.jobs` > 1, independent stages run side by side in their own processes.
+    """
+    if cfg.jobs > 1:
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        Path(cfg.work).mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        _train_side_by_side(cfg)
+        _log(cfg, "run", {"jobs": cfg.jobs, "stages": list(cfg.stages),
+                          "wall_seconds": time.time() - started})  # fmt: skip
+        return train_world(replace(cfg, jobs=1, stages=()))  # collects infos, writes the index
     device = _device(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
