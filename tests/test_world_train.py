@@ -404,3 +404,31 @@ def test_stages_side_by_side_wait_for_what_they_read(tmp_path):
     other = replace(cfg, work=str(tmp_path / "work2"), stages=("unet",), jobs=2)
     with pytest.raises(OnewordError, match=r"need \['clip', 'vae'\] done first"):
         train_world(other)
+
+
+def test_clip_vision_stage_trains_the_vision_tower_only(tmp_path):
+    """The UNet reads the text tower: clip_vision must leave text_encoder/ and the text
+    projection byte for byte as the clip stage exported them."""
+    from transformers import CLIPVisionModelWithProjection
+
+    cfg = replace(
+        WorldTrainConfig(out=str(tmp_path / "w"), work=str(tmp_path / "work")), **PRESETS["tiny"]
+    )
+    out = tmp_path / "w"
+    from oneword.errors import OnewordError
+
+    with pytest.raises(OnewordError, match="train the clip stage first"):
+        train_world(replace(cfg, stages=("clip_vision",)))
+    train_world(replace(cfg, stages=("clip",)))
+    text_files = sorted((out / "text_encoder").iterdir()) + [
+        out / "image_encoder" / "text_projection.safetensors"
+    ]
+    text_before = {p.name: p.read_bytes() for p in text_files}
+    vision_before = CLIPVisionModelWithProjection.from_pretrained(
+        out / "image_encoder"
+    ).state_dict()
+    train_world(replace(cfg, stages=("clip_vision",), clip_vision_steps=2, clip_lr=1e-2))
+    assert StageState(cfg, "clip_vision").done
+    assert {p.name: p.read_bytes() for p in text_files} == text_before
+    vision_after = CLIPVisionModelWithProjection.from_pretrained(out / "image_encoder").state_dict()
+    assert any(not torch.equal(vision_before[k], vision_after[k]) for k in vision_before)

@@ -43,7 +43,9 @@ STAGES = ("clip", "vae", "oracle", "unet")
 # Run only when named in --stages, after the VAE: more decoder training with the encoder
 # frozen, so a UNet trained on the encoder's latents stays valid (as SD's fine-tuned
 # ft-MSE/ft-EMA decoders did). It overwrites the exported VAE's decoder.
-OPTIONAL_STAGES = ("vae_decoder",)
+# clip_vision: more vision-tower training with the text tower frozen (the UNet's captions
+# stay encoded as it saw them), so it can run beside the UNet with --jobs.
+OPTIONAL_STAGES = ("vae_decoder", "clip_vision")
 
 
 @dataclass
@@ -77,6 +79,7 @@ class WorldTrainConfig:
     vision_width: int = 192
     vision_layers: int = 4
     projection_dim: int = 128
+    clip_vision_steps: int = 500  # the optional clip_vision stage (steps of clip_batch)
     # VAE (64x64x3 <-> 16x16x4)
     vae_steps: int = 3000
     vae_batch: int = 64
@@ -615,6 +618,17 @@ def _masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
 
 def train_clip(cfg: WorldTrainConfig, device: torch.device) -> dict:
     """Contrastive CLIP on captions naming every value + attribute heads on image features."""
+    return _train_clip(cfg, device, vision_only=False)
+
+
+def train_clip_vision(cfg: WorldTrainConfig, device: torch.device) -> dict:
+    """More training of the CLIP's vision tower with its text tower frozen (contrastive
+    against the fixed text features, plus the image attribute heads). The UNet reads only
+    the text tower, so this can run beside the UNet; only image_encoder/ is re-exported."""
+    return _train_clip(cfg, device, vision_only=True)
+
+
+def _train_clip(cfg: WorldTrainConfig, device: torch.device, *, vision_only: bool) -> dict:
     from transformers import CLIPVisionModelWithProjection
 
     from ..tokenizer import load_clip_tokenizer, write_clip_tokenizer
@@ -634,14 +648,26 @@ def train_clip(cfg: WorldTrainConfig, device: torch.device) -> dict:
     text_heads = nn.ModuleDict(
         {a: nn.Linear(cfg.text_width, len(world.VALUES[a])) for a in world.ATTRIBUTES}
     ).to(device)
+    modules = {"clip": clip, "heads": heads, "text_heads": text_heads}
+    stage = "clip_vision" if vision_only else "clip"
+    if vision_only:
+        clip_state = StageState(cfg, "clip").load()
+        if clip_state is None:
+            raise OnewordError(f"the clip_vision stage starts from {cfg.work}/clip/state.pt: "
+                               "train the clip stage first")  # fmt: skip
+        for name, module in modules.items():
+            module.load_state_dict(clip_state["modules"][name])
+        # Everything the text side exports stays as the UNet saw it.
+        for module in (clip.text_model, clip.text_projection, text_heads):
+            module.requires_grad_(False)
+        clip.logit_scale.requires_grad_(False)
     optimizer = torch.optim.AdamW(
-        [*clip.parameters(), *heads.parameters(), *text_heads.parameters()],
+        [p for m in modules.values() for p in m.parameters() if p.requires_grad],
         lr=cfg.clip_lr,
         weight_decay=0.05,
     )
-    batches = Batches(cfg.seed + 1, cfg.resolution, device)
-    state = StageState(cfg, "clip")
-    modules = {"clip": clip, "heads": heads, "text_heads": text_heads}
+    batches = Batches(cfg.seed + (9 if vision_only else 1), cfg.resolution, device)
+    state = StageState(cfg, stage)
     start_step = (
         _restore(state.load(), modules, optimizer, batches, None) if state.path.exists() else 0
     )
@@ -666,13 +692,14 @@ def train_clip(cfg: WorldTrainConfig, device: torch.device) -> dict:
                 _masked_cross_entropy(text_heads[a](end_token).float(), text_labels[a].to(device))
                 for a in world.ATTRIBUTES
             )
+            if vision_only:
+                text_aux = text_aux.detach()  # frozen: reported, not trained
         loss = output.loss + cfg.clip_aux_weight * (aux + text_aux)
         return loss, {"aux": aux.item(), "text_aux": text_aux.item()}
 
     clip.train()
-    steps = _run_loop(
-        cfg, "clip", cfg.clip_steps, state, modules, optimizer, batches, step_fn, start_step
-    )
+    total = cfg.clip_vision_steps if vision_only else cfg.clip_steps
+    steps = _run_loop(cfg, stage, total, state, modules, optimizer, batches, step_fn, start_step)
 
     # Zero-shot check on fresh renders: does the image feature pick the right attribute value
     # among prompts that name each value? (reported in the model card)
@@ -690,9 +717,10 @@ def train_clip(cfg: WorldTrainConfig, device: torch.device) -> dict:
     # Export: the text tower as the pipeline's text_encoder, the vision tower as image_encoder.
     from transformers import CLIPImageProcessor, CLIPTextModel
 
-    text_encoder = CLIPTextModel(clip.config.text_config)
-    text_encoder.load_state_dict(clip.text_model.state_dict(), strict=False)
-    _save_fp16(text_encoder, out / "text_encoder")
+    if not vision_only:
+        text_encoder = CLIPTextModel(clip.config.text_config)
+        text_encoder.load_state_dict(clip.text_model.state_dict(), strict=False)
+        _save_fp16(text_encoder, out / "text_encoder")
     vision = CLIPVisionModelWithProjection(clip.config.vision_config)
     vision.load_state_dict(
         {
@@ -1167,6 +1195,7 @@ def write_pipeline_index(cfg: WorldTrainConfig, infos: dict) -> None:
 # What each stage reads from the output folder (for running stages side by side).
 NEEDS: dict[str, tuple[str, ...]] = {
     "clip": (),
+    "clip_vision": ("clip",),
     "vae": (),
     "vae_decoder": ("vae",),
     "oracle": ("vae",),
@@ -1260,6 +1289,7 @@ def train_world(cfg: WorldTrainConfig) -> dict:
     Path(cfg.work).mkdir(parents=True, exist_ok=True)
     runners = {
         "clip": train_clip,
+        "clip_vision": train_clip_vision,
         "vae": train_vae,
         "vae_decoder": train_vae_decoder,
         "oracle": train_oracle,
