@@ -338,6 +338,12 @@ def test_a_unet_with_attention_at_more_levels_starts_as_exactly_the_one_it_grows
         warm_start_unet(other, tmp_path / "small")
     with pytest.raises(OnewordError, match="--unet-attention-levels must be 1..3"):
         build_unet(replace(cfg, unet_attention_levels=4), 8)
+    # Per-level head counts: the new 16x16 blocks may have fewer heads than the copied ones.
+    mixed = build_unet(replace(cfg, unet_attention_levels=3, unet_attention_heads=(1, 2, 2)), 8)
+    assert mixed.down_blocks[0].attentions[0].transformer_blocks[0].attn1.heads == 1
+    assert mixed.down_blocks[1].attentions[0].transformer_blocks[0].attn1.heads == 2
+    with pytest.raises(OnewordError, match="one count or 3"):
+        build_unet(replace(cfg, unet_attention_heads=(1, 2)), 8)
 
 
 def test_object_crops_hold_the_object_on_the_latent_grid():
@@ -378,7 +384,7 @@ def test_sixteen_channel_latents_train_and_sample(tmp_path):
         WorldTrainConfig(out=str(tmp_path / "w"), work=str(tmp_path / "work")), **PRESETS["tiny"]
     )
     train_world(replace(cfg, vae_channels=(8, 16, 16, 16), vae_latent_channels=16, vae_crop=32,
-                        unet_attention_levels=3, unet_attention_heads=2))  # fmt: skip
+                        unet_attention_levels=3, unet_attention_heads=(2,)))  # fmt: skip
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "w", local_files_only=True)
     assert pipe.vae.config.latent_channels == pipe.unet.config.in_channels == 16
     assert pipe.unet.config.sample_size == 8  # 64 px / 8
