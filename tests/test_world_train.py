@@ -438,3 +438,29 @@ def test_clip_vision_stage_trains_the_vision_tower_only(tmp_path):
     assert {p.name: p.read_bytes() for p in text_files} == text_before
     vision_after = CLIPVisionModelWithProjection.from_pretrained(out / "image_encoder").state_dict()
     assert any(not torch.equal(vision_before[k], vision_after[k]) for k in vision_before)
+
+
+def test_clip_vision_stage_starts_from_an_exported_world(tiny_world_dir, tmp_path):
+    """A world whose work folder is gone (only its exported CLIP is left) can still have
+    its vision tower trained on: the CLIP is rebuilt from text_encoder/ and image_encoder/."""
+    import shutil
+
+    from transformers import CLIPVisionModelWithProjection
+
+    from oneword.world.train import _load_exported_clip, build_clip
+
+    out = tmp_path / "w"
+    shutil.copytree(tiny_world_dir, out)
+    cfg = replace(WorldTrainConfig(out=str(out), work=str(tmp_path / "work")), **PRESETS["tiny"])
+    clip = build_clip(cfg)
+    _load_exported_clip(clip, out)
+    exported = CLIPVisionModelWithProjection.from_pretrained(tiny_world_dir / "image_encoder")
+    torch.testing.assert_close(
+        clip.visual_projection.weight, exported.visual_projection.weight.float()
+    )
+    train_world(replace(cfg, stages=("clip_vision",), clip_vision_steps=1))
+    assert StageState(cfg, "clip_vision").done
+    from oneword.errors import OnewordError
+
+    with pytest.raises(OnewordError, match="other widths"):
+        _load_exported_clip(build_clip(replace(cfg, vision_width=48)), out)

@@ -660,11 +660,16 @@ def _train_clip(cfg: WorldTrainConfig, device: torch.device, *, vision_only: boo
     stage = "clip_vision" if vision_only else "clip"
     if vision_only:
         clip_state = StageState(cfg, "clip").load()
-        if clip_state is None:
-            raise OnewordError(f"the clip_vision stage starts from {cfg.work}/clip/state.pt: "
-                               "train the clip stage first")  # fmt: skip
-        for name, module in modules.items():
-            module.load_state_dict(clip_state["modules"][name])
+        if clip_state is not None:
+            for name, module in modules.items():
+                module.load_state_dict(clip_state["modules"][name])
+        elif (out / "image_encoder").is_dir() and (out / "text_encoder").is_dir():
+            _load_exported_clip(clip, out)  # a world whose work folder is gone; heads start anew
+        else:
+            raise OnewordError(
+                f"the clip_vision stage starts from {cfg.work}/clip/state.pt or an exported "
+                f"CLIP in {out}: train the clip stage first"
+            )
         # Everything the text side exports stays as the UNet saw it.
         for module in (clip.text_model, clip.text_projection, text_heads):
             module.requires_grad_(False)
@@ -761,6 +766,38 @@ def _train_clip(cfg: WorldTrainConfig, device: torch.device, *, vision_only: boo
     info = {"steps": steps, "zero_shot_accuracy": accuracy, "linear_head_accuracy": probe}
     state.mark_done(info)
     return info
+
+
+def _load_exported_clip(clip, out: Path) -> None:
+    """Fill a `CLIPModel` from a world folder's text_encoder/ and image_encoder/ (with its
+    text_projection.safetensors), as the clip stage exported them."""
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel, CLIPVisionModelWithProjection
+
+    text = CLIPTextModel.from_pretrained(out / "text_encoder", torch_dtype=torch.float32)
+    vision = CLIPVisionModelWithProjection.from_pretrained(
+        out / "image_encoder", torch_dtype=torch.float32
+    )
+    extra = load_file(str(out / "image_encoder" / "text_projection.safetensors"))
+    # CLIPTextModel's keys lack the "text_model." prefix in transformers >= 5, not before.
+    state = {
+        **{k if k.startswith("text_model.") else f"text_model.{k}": v
+           for k, v in text.state_dict().items()},
+        **vision.state_dict(),
+    }  # fmt: skip
+    state["text_projection.weight"] = extra["text_projection.weight"].float()
+    state["logit_scale"] = extra["logit_scale"].float().reshape(())
+    mine = clip.state_dict()
+    wrong = [k for k in state if k in mine and state[k].shape != mine[k].shape]
+    if wrong:
+        raise OnewordError(
+            f"the CLIP in {out} has other widths than this config ({wrong[0]}: "
+            f"{tuple(state[wrong[0]].shape)} vs {tuple(mine[wrong[0]].shape)}); "
+            "match --text-width/--vision-width/--projection-dim to it"
+        )
+    missing = clip.load_state_dict(state, strict=False).missing_keys
+    if [k for k in missing if "position_ids" not in k]:
+        raise OnewordError(f"the CLIP in {out} lacks {missing[:3]}")
 
 
 def _tensor(features) -> torch.Tensor:
