@@ -229,7 +229,7 @@ def test_latent_pool_is_seeded_and_draws_fresh_captions(tiny_world_dir):
     assert torch.equal(first[0], again[0]) and first[1] == again[1]
 
 
-def test_latent_pool_cache_is_reused_only_for_the_same_vae_and_settings(
+def test_latent_pool_cache_is_reused_only_for_the_same_vae_renderer_and_settings(
     tiny_world_dir, tmp_path, monkeypatch
 ):
     from diffusers import AutoencoderKL
@@ -257,6 +257,12 @@ def test_latent_pool_cache_is_reused_only_for_the_same_vae_and_settings(
     with torch.no_grad():  # another VAE: the cache (now of seed 4) must not be used either
         next(vae.parameters()).add_(0.5)
     encoded.clear()
+    train.LatentPool(vae, 10, seed=4, resolution=64, device=cpu, cache=cache)
+    assert encoded
+    encoded.clear()  # another renderer (world v3 moved the objects): re-encoded too
+    train.LatentPool(vae, 10, seed=4, resolution=64, device=cpu, cache=cache)
+    assert not encoded
+    monkeypatch.setattr(train, "_render_fingerprint", lambda resolution: "another renderer")
     train.LatentPool(vae, 10, seed=4, resolution=64, device=cpu, cache=cache)
     assert encoded
     cache.write_bytes(b"damaged")  # an unreadable cache only costs the encoding

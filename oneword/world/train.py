@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -279,7 +280,7 @@ class LatentPool:
         ]
         self.scenes: list = [scene for part in chunks for scene in part]
         key = {"size": str(size), "seed": str(seed), "resolution": str(resolution),
-               "vae": _fingerprint(vae)}  # fmt: skip
+               "vae": _fingerprint(vae), "renderer": _render_fingerprint(resolution)}  # fmt: skip
         cached = _load_pool(cache, key) if cache is not None else None
         if cached is not None:
             self.mean, self.std = (t.to(device) for t in cached)
@@ -316,6 +317,15 @@ def _fingerprint(module: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=4)
+def _render_fingerprint(resolution: int) -> str:
+    """A digest of a few fixed renders: a pool cached before a change of the renderer's
+    geometry (world v3 moved and resized the objects) is not reused."""
+    scenes = world.sample_scenes(32, torch.Generator().manual_seed(0))
+    pixels = world.render(scenes, resolution)
+    return hashlib.sha256(pixels.numpy().tobytes()).hexdigest()[:16]
 
 
 def _load_pool(path: str | Path, key: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
