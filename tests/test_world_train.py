@@ -470,3 +470,14 @@ def test_clip_vision_stage_starts_from_an_exported_world(tiny_world_dir, tmp_pat
 
     with pytest.raises(OnewordError, match="other widths"):
         _load_exported_clip(build_clip(replace(cfg, vision_width=48)), out)
+
+
+def test_a_stop_file_ends_a_stage_early_but_exported(tmp_path):
+    cfg = replace(
+        WorldTrainConfig(out=str(tmp_path / "w"), work=str(tmp_path / "work")), **PRESETS["tiny"]
+    )
+    state = StageState(cfg, "vae")
+    (state.folder / "stop").touch()
+    train_world(replace(cfg, stages=("vae",), vae_steps=50))
+    assert state.done and json.loads((state.folder / "done").read_text())["steps"] == 1
+    assert (tmp_path / "w" / "vae" / "config.json").is_file()

@@ -374,6 +374,12 @@ class StageState:
     def done(self) -> bool:
         return (self.folder / "done").exists()
 
+    @property
+    def stop_requested(self) -> bool:
+        """`touch WORK/STAGE/stop` ends a running stage early, as its time cap would: saved,
+        exported and marked done (remove the file and `done` to train it on later)."""
+        return (self.folder / "stop").exists()
+
     def mark_done(self, info: dict) -> None:
         atomic_write_text(self.folder / "done", json.dumps(info, indent=2))
 
@@ -597,7 +603,7 @@ def _run_loop(
             )
         if (step + 1) % cfg.save_every == 0 or step + 1 == steps:
             state.save(_snapshot(modules, optimizer, batches, step + 1, scheduler))
-        if cap and time.time() - start > cap:
+        if (cap and time.time() - start > cap) or state.stop_requested:
             state.save(_snapshot(modules, optimizer, batches, step + 1, scheduler))
             return step + 1
     return step + 1
@@ -1167,7 +1173,7 @@ def train_unet(cfg: WorldTrainConfig, device: torch.device) -> dict:
             lr_schedule,
             started,
         )
-        if cap and step < target:
+        if (cap or state.stop_requested) and step < target:
             break
         if step < total and not _oracle_ready(cfg):
             _log(cfg, "unet-fidelity", {"step": step, "skipped": "the oracle is not trained yet"})
