@@ -107,6 +107,26 @@ def test_cli_flags_override_the_preset():
 
 
 @pytest.mark.slow
+def test_every_config_flag_has_help_with_the_cpu_presets_value(capsys):
+    import argparse
+    from dataclasses import fields
+
+    from oneword.world.train import FLAG_HELP, WorldTrainConfig, add_world_parser
+
+    flagged = {f.name for f in fields(WorldTrainConfig)} - {"extra", "stages", "stage_seconds"}
+    assert set(FLAG_HELP) == flagged  # a new field needs a line; a removed one loses it
+    parser = argparse.ArgumentParser()
+    add_world_parser(parser.add_subparsers())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["world", "train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert (
+        "square crops of this side around the object (0: whole images) (the cpu preset: 0)" in text
+    )
+    assert f"(the cpu preset: {PRESETS['cpu']['unet_steps']})" in text
+    assert "--unet-channels UNET_CHANNELS [UNET_CHANNELS ...] UNet channels per level" in text
+
+
 def test_fidelity_report_has_every_attribute(tiny_world_dir, tmp_path):
     from oneword.world.fidelity import measure_fidelity
 

@@ -142,6 +142,59 @@ class WorldTrainConfig:
     extra: dict = field(default_factory=dict)
 
 
+# `oneword world train --help`: one line per config field (the comments above say why).
+FLAG_HELP: dict[str, str] = {
+    "out": "the diffusers pipeline folder written (oracle and world.json included)",
+    "work": "folder of resumable stage states; a rerun resumes unfinished stages",
+    "seed": "seed of every stage's weights and data",
+    "resolution": "image side in pixels",
+    "device": "auto, cpu, cuda or cuda:N",
+    "threads": "torch CPU threads per stage process (0: torch's default)",
+    "jobs": "stages run side by side, one process each (1: one after another)",
+    "save_every": "steps between resumable checkpoints",
+    "clip_steps": "CLIP steps",
+    "clip_batch": "CLIP batch (image-caption pairs)",
+    "clip_lr": "CLIP learning rate",
+    "clip_aux_weight": "weight of the attribute heads on both towers' features",
+    "text_width": "text tower width = token-embedding width of the learned words",
+    "text_layers": "text tower layers",
+    "vision_width": "vision tower width",
+    "vision_layers": "vision tower layers",
+    "projection_dim": "CLIP projection width",
+    "clip_vision_steps": "steps of the optional clip_vision stage (text tower frozen)",
+    "vae_steps": "VAE steps",
+    "vae_batch": "VAE batch (images)",
+    "vae_lr": "VAE learning rate (also the vae_decoder stage's)",
+    "vae_kl_weight": "weight of the VAE's KL term",
+    "vae_edge_weight": "weight of the L1 loss on pixel differences (keeps patterns)",
+    "vae_decoder_steps": "steps of the optional vae_decoder stage (encoder frozen)",
+    "vae_channels": "VAE channels per level; the latent side is resolution / 2**(levels - 1)",
+    "vae_crop": "train the VAE on square crops of this side around the object (0: whole images)",
+    "vae_latent_channels": "latent channels (SD 1.x/2.x/XL: 4)",
+    "oracle_steps": "oracle steps",
+    "oracle_batch": "oracle batch (images)",
+    "oracle_lr": "oracle learning rate",
+    "oracle_init": "oracle folder to fine-tune instead of starting from random weights",
+    "unet_steps": "UNet steps (with a --stage-seconds cap, the lr schedule follows time too)",
+    "unet_batch": "UNet batch (latents)",
+    "unet_lr": "UNet peak learning rate (linear warmup, then cosine down to 10%%)",
+    "unet_warmup": "UNet warmup steps",
+    "unet_channels": "UNet channels per level, highest resolution first",
+    "unet_layers": "UNet resnet layers per block",
+    "unet_attention_levels": "levels, from the lowest resolution up, with transformer blocks",
+    "unet_attention_heads": "attention heads: one count, or one per level from the highest resolution",
+    "unet_init": "diffusers UNet folder to start from (matching tensors copied, new blocks identities)",
+    "unet_pool": "renders encoded once by the VAE and reused (0: encode every batch)",
+    "unet_min_snr_gamma": "Min-SNR-gamma loss weighting (0: plain MSE)",
+    "caption_dropout": "fraction of empty captions (for classifier-free guidance)",
+    "ema_decay": "decay of the UNet's EMA weights",
+    "fidelity_every": "UNet steps between quick oracle checks (0: only at the end)",
+    "fidelity_captions": "captions of each quick oracle check",
+    "eval_renders": "fresh renders for the oracle's and CLIP's accuracy reports",
+    "mixed_precision": "bf16, fp16 or no (CUDA only; the CPU trains in fp32)",
+}
+
+
 PRESETS: dict[str, dict] = {
     # Seconds on a CPU; for tests and first contact. Quality: none.
     "tiny": dict(
@@ -1392,16 +1445,25 @@ def add_world_parser(subparsers) -> None:
     )
     sub = parser.add_subparsers(dest="world_command", required=True)
     train = sub.add_parser("train", help="train every stage (resumes unfinished ones)")
-    train.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    train.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="cpu",
+        help="settings the flags below override: cpu (the shipped world's recipe), gpu "
+        "(larger batches and more steps), tiny (seconds; for tests)",
+    )
     for f in fields(WorldTrainConfig):
         if f.name in ("extra", "stages", "stage_seconds"):
             continue
         kind = type(f.default) if not isinstance(f.default, tuple) else None
         flag = "--" + f.name.replace("_", "-")
+        cpu = PRESETS["cpu"].get(f.name, f.default)
+        cpu = " ".join(map(str, cpu)) if isinstance(cpu, tuple) else cpu
+        text = f"{FLAG_HELP[f.name]} (the cpu preset: {cpu})"
         if kind is None:
-            train.add_argument(flag, type=int, nargs="+", default=None)
+            train.add_argument(flag, type=int, nargs="+", default=None, help=text)
         else:
-            train.add_argument(flag, type=kind, default=None)
+            train.add_argument(flag, type=kind, default=None, help=text)
     train.add_argument(
         "--stages",
         nargs="+",
