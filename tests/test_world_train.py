@@ -501,3 +501,24 @@ def test_a_stop_file_ends_a_stage_early_but_exported(tmp_path):
     train_world(replace(cfg, stages=("vae",), vae_steps=50))
     assert state.done and json.loads((state.folder / "done").read_text())["steps"] == 1
     assert (tmp_path / "w" / "vae" / "config.json").is_file()
+
+
+def test_a_running_stage_follows_its_threads_file_and_ignores_a_bad_one(tmp_path, caplog):
+    from oneword.world.train import WorldTrainConfig, _follow_threads
+
+    cfg = WorldTrainConfig(work=str(tmp_path))
+    before = torch.get_num_threads()
+    wanted = 2 if before != 2 else 3
+    try:
+        _follow_threads(cfg, "unet")  # no file: nothing changes
+        assert torch.get_num_threads() == before
+        (tmp_path / "unet").mkdir()
+        (tmp_path / "unet" / "threads").write_text(f"{wanted}\n")
+        _follow_threads(cfg, "unet")
+        assert torch.get_num_threads() == wanted
+        (tmp_path / "unet" / "threads").write_text("two")
+        _follow_threads(cfg, "unet")
+        assert torch.get_num_threads() == wanted
+        assert "'two' is not a thread count" in caplog.text
+    finally:
+        torch.set_num_threads(before)

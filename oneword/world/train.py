@@ -1325,7 +1325,12 @@ def _follow_threads(cfg: WorldTrainConfig, stage: str) -> None:
     """Take the thread count the parent of a side-by-side run asks for (`--jobs`)."""
     path = _threads_file(cfg, stage)
     if path.is_file():
-        wanted = int(path.read_text() or 0)
+        text = path.read_text().strip()
+        try:
+            wanted = int(text or 0)
+        except ValueError:  # a typo must not end hours of training
+            log.warning("%s: ignoring %s: %r is not a thread count", stage, path, text)
+            return
         if wanted > 0 and wanted != torch.get_num_threads():
             torch.set_num_threads(wanted)
             log.info("%s: now %d threads", stage, wanted)
