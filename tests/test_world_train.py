@@ -522,3 +522,33 @@ def test_a_running_stage_follows_its_threads_file_and_ignores_a_bad_one(tmp_path
         assert "'two' is not a thread count" in caplog.text
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_world_continued_in_a_new_work_folder_is_still_a_loadable_pipeline(
+    tiny_world_dir, tmp_path
+):
+    """Only the UNet trained on (into a copy of the world, from a fresh work folder): the
+    folder gets its model_index.json and a world.json that keeps the other stages' facts."""
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "w"
+    shutil.copytree(tiny_world_dir, out)
+    (out / "model_index.json").unlink()
+    before = json.loads((out / "world.json").read_text())
+    cfg = replace(
+        WorldTrainConfig(out=str(out), work=str(tmp_path / "work")),
+        **PRESETS["tiny"],
+        stages=("unet",),
+        unet_init=str(tiny_world_dir / "unet"),
+    )
+    infos = train_world(cfg)
+    assert set(infos) == {"unet"}
+    facts = json.loads((out / "world.json").read_text())
+    assert facts["inherited"]["stages"] == ["clip", "oracle", "vae"]
+    assert facts["inherited"]["config"] == before["config"]
+    assert facts["stages"]["vae"] == before["stages"]["vae"]
+    assert facts["stages"]["unet"]["steps"] == infos["unet"]["steps"]
+    assert facts["config"]["unet_init"] == str(tiny_world_dir / "unet")
+    StableDiffusionPipeline.from_pretrained(out, safety_checker=None)

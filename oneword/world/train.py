@@ -1275,8 +1275,13 @@ def train_unet(cfg: WorldTrainConfig, device: torch.device) -> dict:
 # ----------------------------------------------------------------------------- the command
 
 
-def write_pipeline_index(cfg: WorldTrainConfig, infos: dict) -> None:
-    """model_index.json (a StableDiffusionPipeline with its CLIP vision tower) and world.json."""
+def write_pipeline_index(
+    cfg: WorldTrainConfig, infos: dict, *, inherited: dict | None = None
+) -> None:
+    """model_index.json (a StableDiffusionPipeline with its CLIP vision tower) and world.json.
+
+    `inherited`: {"stages": [...], "config": {...}}, the stages whose facts come from the
+    folder's earlier world.json (not this run) and the config they were trained with."""
     from .. import __version__
 
     out = Path(cfg.out)
@@ -1303,6 +1308,8 @@ def write_pipeline_index(cfg: WorldTrainConfig, infos: dict) -> None:
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
         "stages": infos,
     }
+    if inherited is not None:
+        facts["inherited"] = inherited
     atomic_write_text(out / "world.json", json.dumps(facts, indent=2))
 
 
@@ -1433,7 +1440,35 @@ def train_world(cfg: WorldTrainConfig) -> dict:
         print(json.dumps({stage: {k: v for k, v in info.items() if k != "history"}}, default=str))
     if all(StageState(cfg, s).done for s in STAGES):
         write_pipeline_index(cfg, infos)
+    elif infos and all((Path(cfg.out) / part).is_dir() for part in PIPELINE_PARTS):
+        # A world continued from another one (e.g. its UNet trained on into a copy of its
+        # folder): this work folder knows only some stages, the folder's world.json the rest.
+        facts = _read_world_facts(Path(cfg.out))
+        previous = facts.get("stages", {})
+        inherited = {"stages": sorted(set(previous) - set(infos)), "config": facts.get("config")}
+        write_pipeline_index(cfg, {**previous, **infos}, inherited=inherited)
     return infos
+
+
+# The folders a finished world holds (model_index.json names all but the oracle).
+PIPELINE_PARTS = (
+    "tokenizer",
+    "text_encoder",
+    "image_encoder",
+    "feature_extractor",
+    "vae",
+    "unet",
+    "scheduler",
+    "oracle",
+)
+
+
+def _read_world_facts(out: Path) -> dict:
+    """The folder's world.json, or {} when it has none or it cannot be read."""
+    try:
+        return json.loads((out / "world.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def add_world_parser(subparsers) -> None:
