@@ -16,7 +16,8 @@
 #
 # Writes $OUT/fidelity.json, fidelity-grid.png, distill/, encoder/, eval-1-12/,
 # eval-13-24/, eval/ (merged report) and demo/. Every step skips what is already finished,
-# so an interrupted run continues. Measured cost on the 2-core CPU with the v2-sized UNet:
+# so an interrupted run continues; the distillation and the encoder resume from their
+# checkpoints, an interrupted evaluation half starts again. Measured cost on the 2-core CPU with the v2-sized UNet:
 # step 2 ~45 min, step 3 ~1.5 h per half at one thread (classic:3000 is 220 s per
 # concept); a UNet with 16x16 attention takes about twice that.
 # Settings: MODEL (the candidate's pipeline folder, required), SUITE, OUT, PYTHON; for a
@@ -57,14 +58,22 @@ if [ ! -f "$OUT/train-suite/suite.json" ]; then
 from oneword.datasets.world import training_identities as t; w(sys.argv[1], identities=t()[::int(sys.argv[2])])" \
         "$OUT/train-suite" "$DISTILL_EVERY"
 fi
+# An interrupted run of either continues from its checkpoints (finished concepts are kept).
+has_checkpoints() { [ -n "$(ls -A "$1/checkpoints" 2>/dev/null)" ]; }
 if [ ! -f "$OUT/distill/done" ]; then
+    resume=()
+    has_checkpoints "$OUT/distill" && resume=(--resume)
     "$PYTHON" -m oneword.cli invert --model "$MODEL" --concepts "$OUT/train-suite" \
-        --init object --steps "$DISTILL_STEPS" --no-samples --seed 0 --out "$OUT/distill"
+        --init object --steps "$DISTILL_STEPS" --no-samples --seed 0 --out "$OUT/distill" \
+        "${resume[@]}"
     touch "$OUT/distill/done"
 fi
 if [ ! -f "$OUT/encoder/encoder.safetensors" ]; then
+    resume=()
+    has_checkpoints "$OUT/encoder" && resume=(--resume)
     "$PYTHON" train_encoder.py --preset world-cpu --model "$MODEL" --steps "$ENCODER_STEPS" \
-        --seed 0 --offset-scale 6 --distill "$OUT/distill" --distill-weight 0.1 --out "$OUT/encoder"
+        --seed 0 --offset-scale 6 --distill "$OUT/distill" --distill-weight 0.1 \
+        --out "$OUT/encoder" "${resume[@]}"
 fi
 
 # 3. The held-out suite, two halves side by side.
