@@ -106,7 +106,6 @@ def test_cli_flags_override_the_preset():
     assert cfg.clip_steps == PRESETS["tiny"]["clip_steps"]
 
 
-@pytest.mark.slow
 def test_every_config_flag_has_help_with_the_cpu_presets_value(capsys):
     import argparse
     from dataclasses import fields
@@ -127,6 +126,7 @@ def test_every_config_flag_has_help_with_the_cpu_presets_value(capsys):
     assert "--unet-channels UNET_CHANNELS [UNET_CHANNELS ...] UNet channels per level" in text
 
 
+@pytest.mark.slow
 def test_fidelity_report_has_every_attribute(tiny_world_dir, tmp_path):
     from oneword.world.fidelity import measure_fidelity
 

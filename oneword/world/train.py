@@ -1275,6 +1275,19 @@ def train_unet(cfg: WorldTrainConfig, device: torch.device) -> dict:
 # ----------------------------------------------------------------------------- the command
 
 
+# model_index.json's components (library, class); each is a folder of a finished world.
+PIPELINE_COMPONENTS: dict[str, list[str]] = {
+    "feature_extractor": ["transformers", "CLIPImageProcessor"],
+    "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+    "scheduler": ["diffusers", "DDIMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+PIPELINE_PARTS = (*PIPELINE_COMPONENTS, "oracle")  # every folder a finished world holds
+
+
 def write_pipeline_index(
     cfg: WorldTrainConfig, infos: dict, *, inherited: dict | None = None
 ) -> None:
@@ -1288,15 +1301,9 @@ def write_pipeline_index(
     index = {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": __import__("diffusers").__version__,
-        "feature_extractor": ["transformers", "CLIPImageProcessor"],
-        "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+        **PIPELINE_COMPONENTS,
         "requires_safety_checker": False,
         "safety_checker": [None, None],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
     }
     atomic_write_text(out / "model_index.json", json.dumps(index, indent=2))
     facts = {
@@ -1448,19 +1455,6 @@ def train_world(cfg: WorldTrainConfig) -> dict:
         inherited = {"stages": sorted(set(previous) - set(infos)), "config": facts.get("config")}
         write_pipeline_index(cfg, {**previous, **infos}, inherited=inherited)
     return infos
-
-
-# The folders a finished world holds (model_index.json names all but the oracle).
-PIPELINE_PARTS = (
-    "tokenizer",
-    "text_encoder",
-    "image_encoder",
-    "feature_extractor",
-    "vae",
-    "unet",
-    "scheduler",
-    "oracle",
-)
 
 
 def _read_world_facts(out: Path) -> dict:
