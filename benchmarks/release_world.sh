@@ -17,7 +17,8 @@
 # Writes $OUT/fidelity.json, fidelity-grid.png, distill/, encoder/, eval-1-12/,
 # eval-13-24/, eval/ (merged report) and demo/. Every step skips what is already finished,
 # so an interrupted run continues; the distillation and the encoder resume from their
-# checkpoints, an interrupted evaluation half starts again. Measured cost on the 2-core CPU with the v2-sized UNet:
+# checkpoints, an interrupted evaluation half continues from its finished concepts
+# (`oneword eval --resume`). Measured cost on the 2-core CPU with the v2-sized UNet:
 # step 2 ~45 min, step 3 ~1.5 h per half at one thread (classic:3000 is 220 s per
 # concept); a UNet with 16x16 attention takes about twice that.
 # Settings: MODEL (the candidate's pipeline folder, required), SUITE, OUT, PYTHON; for a
@@ -89,7 +90,7 @@ for half in $HALVES; do
         OMP_NUM_THREADS=1 "$PYTHON" -m oneword.cli eval --model "$MODEL" --suite "$SUITE" \
             --methods "$METHODS" --concepts "${half#*:}" --samples "$SAMPLES" --seed 0 --steps 30 \
             --guidance 5 --clip world --check clip --encoder "$OUT/encoder/encoder.safetensors" \
-            --quiet --out "$OUT/eval-$name" > "$OUT/eval-$name.log" 2>&1 &
+            --quiet --resume --out "$OUT/eval-$name" >> "$OUT/eval-$name.log" 2>&1 &
         pids+=($!)
     fi
 done

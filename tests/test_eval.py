@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -505,6 +506,96 @@ def test_classic_step_counts_share_one_run_and_equal_separate_runs(
     assert (one["unet_forward_passes"], three["unet_forward_passes"]) == (1, 3)
     assert one["cost"]["shared_run_steps"] == 3 and 0 < one["seconds"] < three["seconds"]
     assert shared["methods"]["classic:1"]["identity"] == alone["methods"]["classic:1"]["identity"]
+
+
+class _Stop(Exception):
+    pass
+
+
+def _counting_invert(monkeypatch, stop_at: int | None = None) -> list:
+    """Count the classic runs `oneword eval` starts; raise `_Stop` on the call `stop_at`."""
+    import oneword.inversion
+
+    real, calls = oneword.inversion.invert, []
+
+    def invert(*args, **kwargs):
+        calls.append(args[3])  # the concept's class word
+        if stop_at is not None and len(calls) == stop_at:
+            raise _Stop
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(oneword.inversion, "invert", invert)
+    return calls
+
+
+def test_a_stopped_eval_resumes_where_it_stopped_with_the_same_results(
+    tiny_world_dir, world_suite, tmp_path, monkeypatch
+):
+    from safetensors.torch import load_file
+
+    config = EvalConfig(
+        methods=("classword", "classic:1", "classic:2"),
+        samples=1,
+        steps=2,
+        grid_concepts=2,
+        device="cpu",
+        quiet=True,
+    )
+    whole = evaluate(str(tiny_world_dir), world_suite, config, tmp_path / "whole")
+
+    # 1. Stopped while learning the second concept: classword and the first concept's
+    #    classic run are finished; results.json has only classword.
+    out = tmp_path / "stopped"
+    calls = _counting_invert(monkeypatch, stop_at=2)
+    with pytest.raises(_Stop):
+        evaluate(str(tiny_world_dir), world_suite, config, out)
+    assert len(calls) == 2
+    assert list(json.loads((out / "results.json").read_text())["methods"]) == ["classword"]
+
+    # 2. Resumed: one classic run (the second concept), the same scores and rows as a
+    #    run that was never stopped, and the grids of every method.
+    calls = _counting_invert(monkeypatch)
+    resumed = evaluate(str(tiny_world_dir), world_suite, config, out, resume=True)
+    assert len(calls) == 1
+    assert resumed["resumed_rows"] == 3  # classword x 2, classic:1 x 1
+    assert _metrics(resumed) == _metrics(whole)
+    for label in ("classic-1", "classic-2"):
+        for concept in HELD_OUT[:2]:
+            name = f"{concept.name}.safetensors"
+            a = load_file(tmp_path / "whole" / "embeddings" / label / name)
+            b = load_file(out / "embeddings" / label / name)
+            assert a.keys() == b.keys()
+            for key in a:
+                torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+    for label in ("classword", "classic-1", "classic-2"):
+        with (
+            Image.open(out / "grids" / f"{label}.png") as grid,
+            Image.open(tmp_path / "whole" / "grids" / f"{label}.png") as reference,
+        ):
+            assert grid.size == reference.size
+
+    # 3. Resumed again when everything is finished: nothing is learned.
+    calls = _counting_invert(monkeypatch)
+    again = evaluate(str(tiny_world_dir), world_suite, config, out, resume=True)
+    assert calls == [] and again["resumed_rows"] == 6
+    assert _metrics(again) == _metrics(whole)
+
+    # 4. Without resume the kept rows are dropped and everything is learned again.
+    calls = _counting_invert(monkeypatch)
+    evaluate(str(tiny_world_dir), world_suite, config, out)
+    assert len(calls) == 2
+
+
+def test_resume_refuses_a_run_with_other_settings(tiny_world_dir, world_suite, tmp_path):
+    config = EvalConfig(
+        methods=("classword",), samples=1, steps=2, concepts=1, device="cpu", quiet=True
+    )
+    evaluate(str(tiny_world_dir), world_suite, config, tmp_path / "e")
+    kept = (tmp_path / "e" / "progress" / "run.json").read_text()
+    other = replace(config, samples=2)
+    with pytest.raises(OnewordError, match=r"--resume: .*samples: 1 there, 2 now"):
+        evaluate(str(tiny_world_dir), world_suite, other, tmp_path / "e", resume=True)
+    assert (tmp_path / "e" / "progress" / "run.json").read_text() == kept  # nothing lost
 
 
 def test_clip_check_scores_are_oneword_encodes(tiny_world_dir, world_suite, tmp_path):

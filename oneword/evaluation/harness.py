@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +31,7 @@ from PIL import Image
 
 from ..encoder.methods import register_encoder_methods
 from ..errors import OnewordError
+from ..io import atomic_path, atomic_write_text
 from .metrics import (
     fallback_rates,
     load_clip_scorer,
@@ -170,6 +172,8 @@ class MethodRun:
     # snapshot of the rows at every other.
     siblings: tuple = ()
     shared: dict = field(default_factory=dict)
+    # Where work worth keeping across a stopped run goes (`_Progress`; None: not kept).
+    store: _Progress | None = None
 
 
 @dataclass
@@ -225,6 +229,8 @@ def _classic_run(model, concept, run: MethodRun) -> dict:
     of an n-step run (the data, timesteps and noise of each step come from the same
     generator), so the run goes to the longest step count and keeps snapshots at the
     others, with the seconds it had taken by then: an identity-vs-steps curve costs one run.
+    Returns {"snapshots": {step: (rows per text encoder, seconds)}, "steps_done", "loss",
+    "config"}; kept in `run.store` too, so a resumed evaluation does not learn it again.
     """
     from ..inversion import InversionConfig, invert
 
@@ -233,16 +239,25 @@ def _classic_run(model, concept, run: MethodRun) -> dict:
         default = InversionConfig().steps
         wanted = {_classic_steps(arg) or default for arg in (run.siblings or (run.arg,))}
         config = InversionConfig(seed=run.seed, samples=False, quiet=True, steps=max(wanted))
-        result = invert(
-            model,
-            run.images,
-            f"{run.token}-run",  # a scratch word: each label gets its own copy of its rows
-            concept.class_word,
-            config,
-            class_word=concept.class_word,
-            snapshots=sorted(wanted),
-        )
-        run.shared[key] = {"result": result, "config": config}
+        kept = run.store.classic_run(concept.name, wanted) if run.store else None
+        if kept is None:
+            result = invert(
+                model,
+                run.images,
+                f"{run.token}-run",  # a scratch word: each label gets its own copy of its rows
+                concept.class_word,
+                config,
+                class_word=concept.class_word,
+                snapshots=sorted(wanted),
+            )
+            kept = {
+                "snapshots": result.snapshots,
+                "steps_done": result.log["steps_done"],
+                "loss": list(result.log["loss"]),
+            }
+            if run.store:
+                run.store.save_classic_run(concept.name, kept)
+        run.shared[key] = {**kept, "config": config}
     return run.shared[key]
 
 
@@ -255,9 +270,9 @@ def _classic(model, concept, run: MethodRun) -> LearnedToken:
 
     steps = _classic_steps(run.arg) or InversionConfig().steps
     shared = _classic_run(model, concept, run)
-    result, config = shared["result"], shared["config"]
-    vectors, seconds = result.snapshots[steps]
-    done = min(steps, result.log["steps_done"])  # fewer after an early stop
+    config = shared["config"]
+    vectors, seconds = shared["snapshots"][steps]
+    done = min(steps, shared["steps_done"])  # fewer after an early stop
     placeholder = add_placeholder(
         model, run.token, concept.class_word, config.vectors, init_rows=vectors
     )
@@ -265,9 +280,9 @@ def _classic(model, concept, run: MethodRun) -> LearnedToken:
         "unet_forward_passes": done,  # one UNet call per step (batch = config.batch)
         "unet_samples": done * config.batch,
         "steps": done,
-        "final_loss_ema": smoothed_loss(None, result.log["loss"][:done], config.ema_beta),
+        "final_loss_ema": smoothed_loss(None, shared["loss"][:done], config.ema_beta),
         "seconds": seconds,
-        "shared_run_steps": result.log["steps_done"],
+        "shared_run_steps": shared["steps_done"],
     }
     metadata = {
         "base_model": str(model.source),
@@ -390,6 +405,128 @@ class _Scorers:
     dino: object | None
 
 
+# What a resumed evaluation must share with the stopped one for their rows to mix.
+RESUME_KEYS: tuple[str, ...] = (
+    "model", "suite", "device", "seed", "samples", "steps", "guidance", "identity_prompt",
+    "clip", "dino", "encoder", "check", "grid_concepts", "grid_edits",
+)  # fmt: skip
+
+
+class _Progress:
+    """The finished (method, concept) rows of one evaluation, under OUT/progress/.
+
+    Each row is written (atomically) as soon as its concept is scored, with its grid tiles
+    and, for classic inversion, the shared run's snapshots, so `evaluate(..., resume=True)`
+    after a stop scores only what is missing. `run.json` holds the settings (`RESUME_KEYS`)
+    that a resumed run must repeat.
+    """
+
+    def __init__(self, folder: Path, settings: dict, resume: bool):
+        self.folder = folder
+        settings = json.loads(json.dumps(settings))  # tuples -> lists, as stored
+        run_file = folder / "run.json"
+        if resume and run_file.is_file():
+            stored = json.loads(run_file.read_text())
+            differs = [k for k in RESUME_KEYS if stored.get(k) != settings.get(k)]
+            if differs:
+                detail = "; ".join(
+                    f"{k}: {stored.get(k)!r} there, {settings.get(k)!r} now" for k in differs
+                )
+                raise OnewordError(
+                    f"--resume: the evaluation in {folder.parent} was made with other settings "
+                    f"({detail}); repeat them or write to a new --out"
+                )
+            self.kept = sum(1 for _ in folder.glob("rows/*/*.json"))
+        else:
+            if folder.exists():  # a fresh run: rows of an earlier one must not mix in
+                shutil.rmtree(folder)
+            self.kept = 0
+        atomic_write_text(run_file, json.dumps(settings, indent=2) + "\n")
+
+    def _row_path(self, label: str, concept: str) -> Path:
+        return self.folder / "rows" / _file_name(label) / f"{_file_name(concept)}.json"
+
+    def row(self, label: str, concept: str) -> tuple[dict, list[Image.Image], list[str]] | None:
+        """A finished row with its grid tiles and labels, or None."""
+        path = self._row_path(label, concept)
+        if not path.is_file():
+            return None
+        kept = json.loads(path.read_text())
+        tiles: list[Image.Image] = []
+        if kept["grid_labels"]:
+            with Image.open(path.with_suffix(".png")) as strip:
+                width = strip.width // kept["grid_tiles"]
+                tiles = [
+                    strip.crop((i * width, 0, (i + 1) * width, strip.height)).convert("RGB")
+                    for i in range(kept["grid_tiles"])
+                ]
+        return kept["row"], tiles, kept["grid_labels"]
+
+    def save_row(
+        self, label: str, concept: str, row: dict, tiles: list[Image.Image], labels: list[str]
+    ) -> None:
+        path = self._row_path(label, concept)
+        if tiles:  # the tiles side by side in one PNG; all are the samples' size
+            width, height = tiles[0].size
+            strip = Image.new("RGB", (width * len(tiles), height))
+            for i, tile in enumerate(tiles):
+                strip.paste(tile.resize((width, height)), (i * width, 0))
+            with atomic_path(path.with_suffix(".png")) as tmp:
+                strip.save(tmp, format="PNG")
+        kept = {"row": row, "grid_labels": labels, "grid_tiles": len(tiles)}
+        atomic_write_text(path, json.dumps(kept, indent=2) + "\n")  # last: marks it finished
+
+    def _classic_path(self, concept: str) -> Path:
+        return self.folder / "classic" / f"{_file_name(concept)}.safetensors"
+
+    def classic_run(self, concept: str, steps: set[int]) -> dict | None:
+        """A kept classic run of `concept` with a snapshot at every step of `steps`, or None."""
+        from safetensors import safe_open
+
+        path = self._classic_path(concept)
+        if not path.is_file():
+            return None
+        with safe_open(str(path), framework="pt") as f:
+            log = json.loads(f.metadata()["log"])
+            seconds = {int(k): v for k, v in log["seconds"].items()}
+            if not steps <= seconds.keys():
+                return None  # asked for other step counts than the kept run has
+            snapshots = {
+                n: ([f.get_tensor(f"{n}/{i}") for i in range(log["encoders"])], seconds[n])
+                for n in seconds
+            }
+        return {"snapshots": snapshots, "steps_done": log["steps_done"], "loss": log["loss"]}
+
+    def save_classic_run(self, concept: str, run: dict) -> None:
+        from safetensors.torch import save_file
+
+        tensors, seconds, encoders = {}, {}, 0
+        for n, (rows, at) in run["snapshots"].items():
+            encoders = len(rows)
+            seconds[str(n)] = at
+            tensors |= {f"{n}/{i}": r.detach().cpu().contiguous() for i, r in enumerate(rows)}
+        log = {
+            "seconds": seconds,
+            "encoders": encoders,
+            "steps_done": run["steps_done"],
+            "loss": run["loss"],
+        }
+        with atomic_path(self._classic_path(concept)) as tmp:
+            save_file(tensors, str(tmp), metadata={"log": json.dumps(log)})
+
+
+def _resume_settings(results: dict, config: EvalConfig) -> dict:
+    """`RESUME_KEYS` of a run, with paths made absolute (a resumed run may name them another way)."""
+
+    def where(value):
+        return str(Path(value).resolve()) if value and Path(value).exists() else value
+
+    settings = {k: results.get(k, getattr(config, k, None)) for k in RESUME_KEYS}
+    for key in ("model", "suite", "encoder", "clip", "dino"):
+        settings[key] = where(settings[key])
+    return settings
+
+
 def _score(
     concept,
     samples: list[Image.Image],
@@ -493,7 +630,6 @@ def summarise_method(label: str, rows: list[dict], grid: str | None) -> dict:
 
 
 def _write_outputs(results: dict, out: Path) -> None:
-    from ..io import atomic_write_text
     from .report import write_report
 
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
@@ -505,7 +641,12 @@ def _write_outputs(results: dict, out: Path) -> None:
 
 
 def evaluate(
-    model, suite: str | os.PathLike, config: EvalConfig | None = None, out_dir=None
+    model,
+    suite: str | os.PathLike,
+    config: EvalConfig | None = None,
+    out_dir=None,
+    *,
+    resume: bool = False,
 ) -> dict:
     """Run every method of `config` over the suite and score it.
 
@@ -514,8 +655,11 @@ def evaluate(
         suite: a suite folder (`oneword.datasets.suite.read_suite`: ours or DreamBooth's).
         config: `EvalConfig`; defaults if None.
         out_dir: where results.json, results.md, tradeoff.png, grids/ and embeddings/ go
-            (rewritten after each method, so a stopped run keeps the finished methods);
-            None writes nothing.
+            (rewritten after each method), with progress/: every finished (method,
+            concept) row; None writes nothing.
+        resume: keep the rows in out_dir/progress/ of a stopped run with the same settings
+            (`RESUME_KEYS`; others raise `OnewordError`) and score only the missing ones.
+            False starts afresh (progress/ is cleared).
 
     Returns:
         The results.json contents: {"methods": {label: {"identity", "editability",
@@ -601,6 +745,12 @@ def evaluate(
         "config": {**asdict(config), "methods": list(config.methods)},
         "methods": {},
     }
+    progress = None
+    if out is not None:
+        progress = _Progress(out / "progress", _resume_settings(results, config), resume)
+        results["resumed_rows"] = progress.kept
+        if resume and not config.quiet:
+            print(f"--resume: {progress.kept} finished rows kept from {out / 'progress'}")
     if scorers.clip is None:
         print(
             "no CLIP scores: this model has no image_encoder/ CLIP; pass --clip "
@@ -625,7 +775,17 @@ def evaluate(
                 encoder=config.encoder,
                 siblings=siblings,
                 shared=shared,
+                store=progress,
             )
+            in_grid = concept_index < config.grid_concepts
+            kept = progress.row(label, concept.name) if progress else None
+            if kept is not None and (kept[1] or not in_grid):
+                rows.append(kept[0])
+                if in_grid:
+                    grid_images += kept[1]
+                    grid_labels += kept[2]
+                bar.update(1)
+                continue
             # 4a. Learn, timed, with the peak memory of learning alone.
             reset_peak_memory(device)
             if device.type == "cuda":
@@ -667,7 +827,8 @@ def evaluate(
                 "cost": learned.cost,
             }
             rows.append(row)
-            if concept_index < config.grid_concepts:
+            images, labels = [], []
+            if in_grid:
                 images, labels = _grid_rows(
                     concept, learned, reference, samples, config, per_prompt
                 )
@@ -681,6 +842,8 @@ def evaluate(
                     / f"{_file_name(concept.name)}.safetensors"
                 )
                 save_embedding(path, learned.embedding)
+            if progress is not None:
+                progress.save_row(label, concept.name, row, images, labels)
             bar.update(1)
         grid = None
         if out is not None and grid_images:
@@ -704,6 +867,7 @@ EXAMPLES = """\
 examples:
   oneword eval --suite runs/world-suite --methods classword,classic:50,classic:400 --out runs/eval
   oneword eval --suite runs/world-suite --methods classic:2 --concepts 1 --samples 1 --steps 2 --out /tmp/e
+  oneword eval --suite runs/world-suite --methods classword,classic:3000 --out runs/eval --resume
   oneword eval --model /models/sd15 --suite dreambooth/ --methods classword,classic:3000 \\
       --clip open_clip:ViT-L-14:openai --dino /models/dino-vits16 --out runs/db
 """
@@ -730,7 +894,7 @@ def run_eval(args: argparse.Namespace) -> int:
         device=args.device,
         quiet=args.quiet,
     )
-    results = evaluate(args.model, args.suite, config, args.out)
+    results = evaluate(args.model, args.suite, config, args.out, resume=args.resume)
     print(format_table(results))
     print(f"wrote {args.out}/results.json, results.md, tradeoff.png and grids/")
     return 0
@@ -802,5 +966,11 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     add("--device", default=None, help="cpu, cuda, ... (default: CUDA if available)")
     add("--quiet", action="store_true", help="no progress bar")
     add("--out", required=True, type=Path, help="output folder")
+    add(
+        "--resume",
+        action="store_true",
+        help="continue a stopped run in --out: keep its finished rows (OUT/progress/) and "
+        "score only the rest; the settings must be the same",
+    )
     parser.set_defaults(func=run_eval)
     return parser
