@@ -146,9 +146,13 @@ def measure_fidelity(
     from ..images import save_grid
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(model_dir), local_files_only=True, torch_dtype=torch.float32
-    ).to(device)
+    # No dtype argument: diffusers renamed it (torch_dtype -> dtype) and warns on the old
+    # name, which is the only one older supported versions know. A world folder's configs
+    # say float32 (`train._save_fp16`), so its fp16 files load as fp32; others are cast.
+    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), local_files_only=True)
+    if pipe.unet.dtype != torch.float32:
+        pipe = pipe.to(dtype=torch.float32)
+    pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     oracle = Oracle.load(Path(model_dir) / "oracle", device)
     scenes, texts = fidelity_captions(captions, seed)
