@@ -470,7 +470,7 @@ class _Progress:
             width, height = tiles[0].size
             strip = Image.new("RGB", (width * len(tiles), height))
             for i, tile in enumerate(tiles):
-                strip.paste(tile.resize((width, height)), (i * width, 0))
+                strip.paste(tile, (i * width, 0))
             with atomic_path(path.with_suffix(".png")) as tmp:
                 strip.save(tmp, format="PNG")
         kept = {"row": row, "grid_labels": labels, "grid_tiles": len(tiles)}
@@ -767,6 +767,15 @@ def evaluate(
         bar.set_description(label)
         rows, grid_images, grid_labels = [], [], []
         for concept_index, (concept, reference) in enumerate(zip(concepts, references)):
+            in_grid = concept_index < config.grid_concepts
+            kept = progress.row(label, concept.name) if progress else None
+            if kept is not None and (kept[1] or not in_grid):  # finished before a stop
+                rows.append(kept[0])
+                if in_grid:
+                    grid_images += kept[1]
+                    grid_labels += kept[2]
+                bar.update(1)
+                continue
             run = MethodRun(
                 arg,
                 f"<m{method_index}c{concept_index:04d}>",
@@ -777,15 +786,6 @@ def evaluate(
                 shared=shared,
                 store=progress,
             )
-            in_grid = concept_index < config.grid_concepts
-            kept = progress.row(label, concept.name) if progress else None
-            if kept is not None and (kept[1] or not in_grid):
-                rows.append(kept[0])
-                if in_grid:
-                    grid_images += kept[1]
-                    grid_labels += kept[2]
-                bar.update(1)
-                continue
             # 4a. Learn, timed, with the peak memory of learning alone.
             reset_peak_memory(device)
             if device.type == "cuda":
