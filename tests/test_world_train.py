@@ -552,3 +552,26 @@ def test_a_world_continued_in_a_new_work_folder_is_still_a_loadable_pipeline(
     assert facts["stages"]["unet"]["steps"] == infos["unet"]["steps"]
     assert facts["config"]["unet_init"] == str(tiny_world_dir / "unet")
     StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+
+
+def test_exported_weights_are_fp16_on_disk_and_load_as_fp32_without_a_cast_warning(tmp_path, capfd):
+    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
+
+    from oneword.world.train import _save_fp16, build_unet
+
+    cfg = replace(WorldTrainConfig(), **PRESETS["tiny"])
+    torch.manual_seed(0)
+    unet = build_unet(cfg, 8).eval()
+    capfd.readouterr()
+    _save_fp16(unet, tmp_path / "unet")
+    # diffusers warns (on stderr, its logger does not propagate) about a .to(dtype) cast.
+    assert "Casting directly" not in capfd.readouterr().err
+    with safe_open(str(tmp_path / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    loaded = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    assert loaded.dtype == torch.float32
+    assert next(unet.parameters()).dtype == torch.float32  # the trained model is left as it was
+    ref = {k: v.half().float() for k, v in unet.state_dict().items()}
+    for k, v in loaded.state_dict().items():
+        torch.testing.assert_close(v, ref[k], rtol=0, atol=0)

@@ -581,16 +581,12 @@ def noise_scheduler_config() -> dict:
     return _scheduler_config("epsilon")
 
 
-def _half_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        k: v.detach().to(torch.float16).contiguous().cpu() for k, v in module.state_dict().items()
-    }
-
-
 def _save_fp16(module, folder: Path) -> None:
     """save_pretrained with fp16 weights (half the size) but dtype float32 in the config, so
     `from_pretrained` without torch_dtype still gives an fp32 model (CPU-friendly)."""
-    module = copy.deepcopy(module).to("cpu", torch.float16)
+    # .half(), not .to(dtype): diffusers warns on a dtype cast through to() for models that
+    # list modules to keep in fp32; those are fp32 again on load (the config says float32).
+    module = copy.deepcopy(module).cpu().half()
     module.save_pretrained(folder, safe_serialization=True)
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
