@@ -215,6 +215,27 @@ def test_sample_scenes_valid_and_restricted():
     assert again == scenes
 
 
+def test_pattern_weights_set_each_patterns_share_and_bad_weights_are_refused():
+    from oneword.datasets.world import PATTERNS, UNNAMED_PATTERNS
+
+    only_unnamed = [1.0 if p in UNNAMED_PATTERNS else 0.0 for p in PATTERNS]
+    scenes = sample_scenes(300, torch.Generator().manual_seed(3), pattern_weights=only_unnamed)
+    assert {s.pattern for s in scenes} == set(UNNAMED_PATTERNS)
+    assert all(s.background in valid_backgrounds(s.colour, s.pattern) for s in scenes)
+    quarter = [0.25 if p in UNNAMED_PATTERNS else 1.0 for p in PATTERNS]
+    drawn = sample_scenes(6000, torch.Generator().manual_seed(4), pattern_weights=quarter)
+    share = sum(s.pattern in UNNAMED_PATTERNS for s in drawn) / len(drawn)
+    assert abs(share - 0.5 / 4.5) < 0.015  # 11%, not the uniform draw's 33%
+    again = sample_scenes(6000, torch.Generator().manual_seed(4), pattern_weights=quarter)
+    assert again == drawn
+    for bad, match in (([1.0] * 5, "expected 6 finite weights"), ([1, 1, 1, 1, 1, -1], ">= 0"),
+                       ([0.0] * 6, "must be > 0"), ([1, 1, 1, 1, 1, float("nan")], "finite")):  # fmt: skip
+        with pytest.raises(OnewordError, match=match):
+            sample_scenes(5, torch.Generator(), pattern_weights=bad)
+    with pytest.raises(OnewordError, match="not with identities"):
+        sample_scenes(5, torch.Generator(), identities=[HELD_OUT[0]], pattern_weights=quarter)
+
+
 def test_labels_index_values():
     scenes = sample_scenes(40, torch.Generator().manual_seed(4))
     table = labels(scenes)
@@ -273,6 +294,27 @@ def test_caption_dropout():
     assert 20 < some.count("") < 110
     with pytest.raises(OnewordError):
         caption_batch(scenes, random.Random(0), drop_prob=1.5)
+
+
+def test_omit_solid_sets_how_often_solid_is_written():
+    solid = [
+        s for s in sample_scenes(3000, torch.Generator().manual_seed(8)) if s.pattern == "solid"
+    ]
+
+    def named(omit: float) -> float:
+        texts = caption_batch(solid, random.Random(0), omit_solid=omit)
+        return sum("solid" in _words(t) for t in texts) / len(texts)
+
+    # 3 of the 12 templates ("with stripes", ...) have no place for it: at most 75%.
+    assert named(1.0) == 0.0
+    assert 0.24 < named(world.OMIT_SOLID_PROB) < 0.36 < 0.68 < named(0.0) < 0.82
+    other = [
+        s for s in sample_scenes(300, torch.Generator().manual_seed(8)) if s.pattern != "solid"
+    ]
+    rng_a, rng_b = random.Random(1), random.Random(1)  # other patterns are untouched
+    assert caption_batch(other, rng_a, omit_solid=0.0) == caption_batch(other, rng_b)
+    with pytest.raises(OnewordError, match="omit_solid must be in"):
+        caption_batch(solid, random.Random(0), omit_solid=-0.1)
 
 
 # --- concepts -----------------------------------------------------------------------------

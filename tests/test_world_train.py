@@ -552,3 +552,64 @@ def test_a_world_continued_in_a_new_work_folder_is_still_a_loadable_pipeline(
     assert facts["stages"]["unet"]["steps"] == infos["unet"]["steps"]
     assert facts["config"]["unet_init"] == str(tiny_world_dir / "unet")
     StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+
+
+def test_exported_weights_are_fp16_on_disk_and_load_as_fp32_without_a_cast_warning(tmp_path, capfd):
+    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
+
+    from oneword.world.train import _save_fp16, build_unet
+
+    cfg = replace(WorldTrainConfig(), **PRESETS["tiny"])
+    torch.manual_seed(0)
+    unet = build_unet(cfg, 8).eval()
+    capfd.readouterr()
+    _save_fp16(unet, tmp_path / "unet")
+    # diffusers warns (on stderr, its logger does not propagate) about a .to(dtype) cast.
+    assert "Casting directly" not in capfd.readouterr().err
+    with safe_open(str(tmp_path / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    loaded = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    assert loaded.dtype == torch.float32
+    assert next(unet.parameters()).dtype == torch.float32  # the trained model is left as it was
+    ref = {k: v.half().float() for k, v in unet.state_dict().items()}
+    for k, v in loaded.state_dict().items():
+        torch.testing.assert_close(v, ref[k], rtol=0, atol=0)
+
+
+def test_unet_pattern_settings_reweight_the_pool_draws_and_bad_ones_fail_before_any_stage(
+    tiny_world_dir, tmp_path
+):
+    from diffusers import AutoencoderKL
+
+    from oneword.datasets.world import PATTERNS, UNNAMED_PATTERNS
+    from oneword.errors import OnewordError
+    from oneword.world.train import Batches, LatentPool, unet_pattern_weights
+
+    cfg = replace(WorldTrainConfig(), **PRESETS["tiny"])
+    assert unet_pattern_weights(cfg) is None  # the shipped recipe: the renderer's own draw
+    quarter = unet_pattern_weights(replace(cfg, unet_unnamed_pattern_weight=0.25))
+    assert quarter == tuple(0.25 if p in UNNAMED_PATTERNS else 1.0 for p in PATTERNS)
+
+    vae = AutoencoderKL.from_pretrained(tiny_world_dir / "vae").eval()
+    pool = LatentPool(vae, 60, seed=3, resolution=64, device=torch.device("cpu"))
+    # Each pattern's weight is spread over the pool's scenes of it: unnamed 0.5 of 4.5.
+    weights = pool._scene_weights(quarter)
+    unnamed = sum(w for s, w in zip(pool.scenes, weights.tolist()) if s.pattern in UNNAMED_PATTERNS)
+    assert abs(unnamed / float(weights.sum()) - 0.5 / 4.5) < 1e-9
+    # The draws follow the weights: only striped scenes, so no caption names another pattern.
+    striped = tuple(1.0 if p == "striped" else 0.0 for p in PATTERNS)
+    _, captions = pool.next(Batches(0, 64, torch.device("cpu")), 400, 0.0, 0.0, striped)
+    words = [set(c.replace(",", " ").split()) for c in captions]
+    assert not any(w & {"solid", "dotted", "checkered", "dots"} for w in words)
+    assert sum(bool(w & {"striped", "stripes"}) for w in words) > 0.7 * len(words)
+
+    for field_name, value, match in (
+        ("unet_unnamed_pattern_weight", 0.0, "--unet-unnamed-pattern-weight must be > 0"),
+        ("unet_omit_solid", 1.5, "--unet-omit-solid must be in"),
+    ):
+        bad = replace(cfg, out=str(tmp_path / "w"), work=str(tmp_path / "work"),
+                      **{field_name: value})  # fmt: skip
+        with pytest.raises(OnewordError, match=match):
+            train_world(bad)
+        assert not (tmp_path / "work").exists()  # refused before the first stage

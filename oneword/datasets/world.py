@@ -282,6 +282,7 @@ def sample_scenes(
     *,
     identities: Sequence[Identity] | None = None,
     named_only: bool = False,
+    pattern_weights: Sequence[float] | None = None,
 ) -> list[Scene]:
     """Draw `n` random scenes.
 
@@ -290,12 +291,16 @@ def sample_scenes(
         generator: a CPU `torch.Generator`; the same state gives the same scenes.
         identities: if given, each scene's shape/colour/pattern is one of these (uniform).
         named_only: draw only named values for every attribute (for fidelity captions).
+        pattern_weights: one non-negative weight per `PATTERNS` value (default: uniform);
+            not with `identities` or `named_only`.
 
     Returns:
         `n` scenes, each with a background valid for its colour and pattern.
     """
     if n < 0:
         raise OnewordError(f"cannot sample a negative number of scenes ({n})")
+    if pattern_weights is not None and (identities is not None or named_only):
+        raise OnewordError("pattern_weights apply to free draws, not with identities or named_only")
     if identities is not None:
         identities = list(identities)
         if not identities:
@@ -313,7 +318,12 @@ def sample_scenes(
         patterns = NAMED_PATTERNS if named_only else PATTERNS
         s = torch.randint(len(shapes), (n,), generator=generator).tolist()
         c = torch.randint(len(colours), (n,), generator=generator).tolist()
-        p = torch.randint(len(patterns), (n,), generator=generator).tolist()
+        if pattern_weights is None:
+            p = torch.randint(len(patterns), (n,), generator=generator).tolist()
+        else:
+            p = torch.multinomial(
+                check_pattern_weights(pattern_weights), n, replacement=True, generator=generator
+            ).tolist()
         triples = [(shapes[i], colours[j], patterns[k]) for i, j, k in zip(s, c, p)]
     sizes = torch.randint(len(SIZES), (n,), generator=generator).tolist()
     positions = torch.randint(len(POSITIONS), (n,), generator=generator).tolist()
@@ -339,6 +349,19 @@ def sample_scenes(
             )
         )
     return scenes
+
+
+def check_pattern_weights(weights: Sequence[float]) -> torch.Tensor:
+    """`weights` (one per `PATTERNS` value) as a float64 tensor, or a clear error."""
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
+    if w.shape != (len(PATTERNS),) or not bool(torch.isfinite(w).all()) or (w < 0).any():
+        raise OnewordError(
+            f"pattern_weights: expected {len(PATTERNS)} finite weights >= 0 (one per pattern: "
+            f"{', '.join(PATTERNS)}), got {list(weights)}"
+        )
+    if w.sum() <= 0:
+        raise OnewordError("pattern_weights: at least one weight must be > 0")
+    return w
 
 
 def concept_scenes(identity: Identity, n: int, generator: torch.Generator) -> list[Scene]:
@@ -614,7 +637,7 @@ _PATTERN_WITH = {  # "a red star {with stripes}"
     "split": "with a split pattern",
 }
 _OMIT_PROB = 0.15  # each optional attribute is left out this often
-_OMIT_SOLID_PROB = 0.6  # "solid" is the default reading, so it is mostly left out
+OMIT_SOLID_PROB = 0.6  # "solid" is the default reading, so it is mostly left out
 
 
 def _opt(template: str, value: str | None) -> str:
@@ -757,6 +780,7 @@ def caption(
     *,
     name_all: bool = False,
     mentioned: set[str] | None = None,
+    omit_solid: float = OMIT_SOLID_PROB,
 ) -> str:
     """One random caption of a scene.
 
@@ -765,7 +789,8 @@ def caption(
     "object"/"thing"/"shape", an unnamed colour or pattern is left out).
     `name_all=True` names everything, for training the world's CLIP. If `mentioned` is
     given, the attributes whose value the caption names are added to it (the labels of the
-    CLIP text tower's attribute heads).
+    CLIP text tower's attribute heads). `omit_solid`: how often "solid" is left out (it is
+    the default reading; every other attribute is left out 15% of the time).
     """
 
     def keep(attr: str, prob: float = _OMIT_PROB) -> str | None:
@@ -774,7 +799,7 @@ def caption(
             return None
         return None if rng.random() < prob else value
 
-    pattern = keep("pattern", _OMIT_SOLID_PROB if scene.pattern == "solid" else _OMIT_PROB)
+    pattern = keep("pattern", omit_solid if scene.pattern == "solid" else _OMIT_PROB)
     position = keep("position")
     parts = {
         "shape": _shape_word(scene, rng, name_all),
@@ -825,13 +850,18 @@ def caption_batch(
     *,
     name_all: bool = False,
     drop_prob: float = 0.0,
+    omit_solid: float = OMIT_SOLID_PROB,
 ) -> list[str]:
     """`caption` for each scene; with probability `drop_prob` a caption is "" (for
     classifier-free guidance)."""
     if not 0.0 <= drop_prob <= 1.0:
         raise OnewordError(f"drop_prob must be in [0, 1], got {drop_prob}")
+    if not 0.0 <= omit_solid <= 1.0:
+        raise OnewordError(f"omit_solid must be in [0, 1], got {omit_solid}")
     return [
-        "" if drop_prob > 0 and rng.random() < drop_prob else caption(s, rng, name_all=name_all)
+        ""
+        if drop_prob > 0 and rng.random() < drop_prob
+        else caption(s, rng, name_all=name_all, omit_solid=omit_solid)
         for s in scenes
     ]
 

@@ -25,6 +25,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -134,6 +135,16 @@ class WorldTrainConfig:
     # Min-SNR-gamma loss weighting (Hang et al., ICCV 2023): converges faster; 0 = plain MSE.
     unet_min_snr_gamma: float = 5.0
     caption_dropout: float = 0.1  # empty caption for classifier-free guidance
+    # What the UNet's captions teach about patterns. Unnamed patterns (split, concentric) are
+    # never written, so their images share the no-pattern-word captions with most solid
+    # objects; over half of v3's pattern errors draw an unnamed pattern for a named one
+    # (model card). Both default to the recipe every shipped world was trained with.
+    # How often a caption leaves out "solid" (3 of the 12 templates have no place for it:
+    # at 0.6 it is written in 30% of solid objects' captions, at 0 in 75%).
+    unet_omit_solid: float = 0.6
+    # Draw weight of an unnamed-pattern image relative to a named one (1: as rendered, a
+    # third of the images; 0.25: 11%). Must stay > 0: the unnamed values have to appear.
+    unet_unnamed_pattern_weight: float = 1.0
     ema_decay: float = 0.999
     fidelity_every: int = 0  # steps between quick oracle checks of samples (0 = only at the end)
     fidelity_captions: int = 64
@@ -187,6 +198,8 @@ FLAG_HELP: dict[str, str] = {
     "unet_pool": "renders encoded once by the VAE and reused (0: encode every batch)",
     "unet_min_snr_gamma": "Min-SNR-gamma loss weighting (0: plain MSE)",
     "caption_dropout": "fraction of empty captions (for classifier-free guidance)",
+    "unet_omit_solid": "how often a UNet caption leaves out solid (3 of 12 templates never write it)",
+    "unet_unnamed_pattern_weight": "draw weight of unnamed-pattern images vs named ones (> 0)",
     "ema_decay": "decay of the UNet's EMA weights",
     "fidelity_every": "UNet steps between quick oracle checks (0: only at the end)",
     "fidelity_captions": "captions of each quick oracle check",
@@ -276,11 +289,22 @@ class Batches:
         self.device = device
 
     def next(
-        self, n: int, *, name_all: bool = False, drop_prob: float = 0.0, named_only: bool = False
+        self,
+        n: int,
+        *,
+        name_all: bool = False,
+        drop_prob: float = 0.0,
+        named_only: bool = False,
+        omit_solid: float = world.OMIT_SOLID_PROB,
+        pattern_weights: Sequence[float] | None = None,
     ):
-        scenes = world.sample_scenes(n, self.generator, named_only=named_only)
+        scenes = world.sample_scenes(
+            n, self.generator, named_only=named_only, pattern_weights=pattern_weights
+        )
         pixels = world.render(scenes, self.resolution, device=self.device)  # (n, 3, H, W) uint8
-        captions = world.caption_batch(scenes, self.rng, name_all=name_all, drop_prob=drop_prob)
+        captions = world.caption_batch(
+            scenes, self.rng, name_all=name_all, drop_prob=drop_prob, omit_solid=omit_solid
+        )
         return pixels, captions, world.labels(scenes), scenes
 
     def next_with_mentions(self, n: int):
@@ -354,13 +378,63 @@ class LatentPool:
                 tensors = {"mean": self.mean.cpu().contiguous(), "std": self.std.cpu().contiguous()}
                 save_file(tensors, str(tmp), metadata=key)
 
-    def next(self, batches: Batches, n: int, drop_prob: float):
-        index = torch.randint(len(self.scenes), (n,), generator=batches.generator)
+    def next(
+        self,
+        batches: Batches,
+        n: int,
+        drop_prob: float,
+        omit_solid: float = world.OMIT_SOLID_PROB,
+        pattern_weights: Sequence[float] | None = None,
+    ):
+        """`n` latents (posterior samples) and fresh captions; with `pattern_weights` (one per
+        `world.PATTERNS`), each pattern is drawn with that weight's share (the pool itself,
+        and so its cache, stays as rendered)."""
+        if pattern_weights is None:
+            index = torch.randint(len(self.scenes), (n,), generator=batches.generator)
+        else:
+            index = torch.multinomial(
+                self._scene_weights(tuple(pattern_weights)), n, replacement=True,
+                generator=batches.generator,
+            )  # fmt: skip
         scenes = [self.scenes[i] for i in index.tolist()]
-        captions = world.caption_batch(scenes, batches.rng, drop_prob=drop_prob)
+        captions = world.caption_batch(
+            scenes, batches.rng, drop_prob=drop_prob, omit_solid=omit_solid
+        )
         index = index.to(self.mean.device)
         mean = self.mean[index]
         return mean + self.std[index] * torch.randn_like(mean), captions
+
+    def _scene_weights(self, pattern_weights: tuple[float, ...]) -> torch.Tensor:
+        """Per-scene draw weights: a pattern's weight split over the pool's scenes of it."""
+        cached = getattr(self, "_weights", None)
+        if cached is None or cached[0] != pattern_weights:
+            self._weights = (pattern_weights, self._compute_weights(pattern_weights))
+        return self._weights[1]
+
+    def _compute_weights(self, pattern_weights: tuple[float, ...]) -> torch.Tensor:
+        share = world.check_pattern_weights(pattern_weights)
+        ids = torch.tensor([world.PATTERNS.index(s.pattern) for s in self.scenes])
+        counts = torch.bincount(ids, minlength=len(world.PATTERNS)).to(torch.float64)
+        if bool(((share > 0) & (counts == 0)).any()):
+            missing = [p for p, w, c in zip(world.PATTERNS, share, counts) if w > 0 and c == 0]
+            raise OnewordError(f"the latent pool holds no scene with pattern {missing}")
+        return (share / counts.clamp(min=1))[ids]
+
+
+def unet_pattern_weights(cfg: WorldTrainConfig) -> tuple[float, ...] | None:
+    """The UNet stream's weight per `world.PATTERNS` value, or None for the renderer's
+    uniform draw (the recipe of every shipped world, random stream included)."""
+    w = cfg.unet_unnamed_pattern_weight
+    if not (math.isfinite(w) and w > 0):
+        raise OnewordError(
+            f"--unet-unnamed-pattern-weight must be > 0 (the unnamed patterns have to appear "
+            f"in the UNet's images), got {w}"
+        )
+    if not 0.0 <= cfg.unet_omit_solid <= 1.0:
+        raise OnewordError(f"--unet-omit-solid must be in [0, 1], got {cfg.unet_omit_solid}")
+    if w == 1.0:
+        return None
+    return tuple(w if p in world.UNNAMED_PATTERNS else 1.0 for p in world.PATTERNS)
 
 
 def _fingerprint(module: torch.nn.Module) -> str:
@@ -581,16 +655,12 @@ def noise_scheduler_config() -> dict:
     return _scheduler_config("epsilon")
 
 
-def _half_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        k: v.detach().to(torch.float16).contiguous().cpu() for k, v in module.state_dict().items()
-    }
-
-
 def _save_fp16(module, folder: Path) -> None:
     """save_pretrained with fp16 weights (half the size) but dtype float32 in the config, so
     `from_pretrained` without torch_dtype still gives an fp32 model (CPU-friendly)."""
-    module = copy.deepcopy(module).to("cpu", torch.float16)
+    # .half(), not .to(dtype): diffusers warns on a dtype cast through to() for models that
+    # list modules to keep in fp32; those are fp32 again on load (the config says float32).
+    module = copy.deepcopy(module).cpu().half()
     module.save_pretrained(folder, safe_serialization=True)
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
@@ -1124,6 +1194,7 @@ def train_unet(cfg: WorldTrainConfig, device: torch.device) -> dict:
     """The denoiser: epsilon-prediction MSE on VAE latents, conditioned on the frozen text tower."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
+    weights = unet_pattern_weights(cfg)  # checks both pattern settings before any work
     out = Path(cfg.out)
     tokenizer, text_encoder = load_clip_parts(out, device)
     vae = load_vae(cfg, device)
@@ -1181,9 +1252,16 @@ def train_unet(cfg: WorldTrainConfig, device: torch.device) -> dict:
     def step_fn():
         with torch.no_grad():
             if pool is not None:
-                latents, captions = pool.next(batches, cfg.unet_batch, cfg.caption_dropout)
+                latents, captions = pool.next(
+                    batches, cfg.unet_batch, cfg.caption_dropout, cfg.unet_omit_solid, weights
+                )
             else:
-                pixels, captions, *_ = batches.next(cfg.unet_batch, drop_prob=cfg.caption_dropout)
+                pixels, captions, *_ = batches.next(
+                    cfg.unet_batch,
+                    drop_prob=cfg.caption_dropout,
+                    omit_solid=cfg.unet_omit_solid,
+                    pattern_weights=weights,
+                )
                 latents = vae.encode(to_unit(pixels)).latent_dist.sample()
             latents = latents * scaling  # (b, 4, 16, 16)
             hidden = text_encoder(tokenize(tokenizer, captions, device))[0]  # (b, 77, d)
@@ -1406,6 +1484,7 @@ def train_world(cfg: WorldTrainConfig) -> dict:
 
     With `cfg.jobs` > 1, independent stages run side by side in their own processes.
     """
+    unet_pattern_weights(cfg)  # a bad pattern setting fails now, not after the first stages
     if cfg.jobs > 1:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         Path(cfg.work).mkdir(parents=True, exist_ok=True)
