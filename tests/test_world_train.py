@@ -151,6 +151,59 @@ def test_fidelity_report_has_every_attribute(tiny_world_dir, tmp_path):
     assert 0.0 <= ceiling["all"] <= min(ceiling["per_attribute"].values())
 
 
+def test_fresh_render_readers_match_what_the_training_stages_measured(tiny_world_dir, capsys):
+    from types import SimpleNamespace
+
+    from oneword.errors import OnewordError
+    from oneword.world.fidelity import fresh_render_accuracy, run_fidelity, zero_shot_accuracy
+
+    stages = json.loads((tiny_world_dir / "world.json").read_text())["stages"]
+    n = PRESETS["tiny"]["eval_renders"] // 4  # the clip stage's zero-shot: seed 0 + 99, n/4
+    fresh = fresh_render_accuracy(tiny_world_dir, n=n, seed=99, device="cpu")
+    assert fresh["n"] == n and set(fresh["oracle"]) == set(fresh["clip_zero_shot"])
+    # The exported CLIP, read back through the evaluation's scorer, gives the stage's numbers.
+    assert fresh["clip_zero_shot"] == pytest.approx(stages["clip"]["zero_shot_accuracy"])
+    with pytest.raises(OnewordError, match="--renders must be >= 1"):
+        fresh_render_accuracy(tiny_world_dir, n=0)
+    # Features that point straight at the right prompts read every attribute right; the
+    # same features against the prompts of the next value read none right.
+    from oneword.datasets import world
+    from oneword.world.fidelity import ZERO_SHOT_PROMPTS
+
+    prompts = [t.format(v) for a, t in ZERO_SHOT_PROMPTS.items() for v in world.VALUES[a]]
+    index = {p: i for i, p in enumerate(prompts)}
+    assert len(index) == len(prompts)  # no prompt serves two attributes
+
+    def one_hot(texts):
+        return torch.nn.functional.one_hot(
+            torch.tensor([index[t] for t in texts]), len(index)
+        ).float()
+
+    scenes = world.sample_scenes(12, torch.Generator().manual_seed(1))
+    truth = [
+        [ZERO_SHOT_PROMPTS[a].format(getattr(s, a)) for a in ZERO_SHOT_PROMPTS] for s in scenes
+    ]
+    image = torch.nn.functional.normalize(torch.stack([one_hot(t).sum(0) for t in truth]), dim=-1)
+    assert set(zero_shot_accuracy(image, one_hot, scenes).values()) == {1.0}
+
+    following = {  # each prompt -> the prompt of its attribute's next value
+        t.format(v): t.format(values[(i + 1) % len(values)])
+        for a, t in ZERO_SHOT_PROMPTS.items()
+        for values in [world.VALUES[a]]
+        for i, v in enumerate(values)
+    }
+
+    def shifted(texts):
+        return one_hot([following[t] for t in texts])
+
+    assert set(zero_shot_accuracy(image, shifted, scenes).values()) == {0.0}
+
+    args = SimpleNamespace(model=str(tiny_world_dir), captions=1, samples=1, steps=1,
+                           guidance=5.0, seed=0, grid=None, ceiling=False, renders=n, json=None)  # fmt: skip
+    assert run_fidelity(args) == 0
+    assert f"| {n} fresh renders |" in capsys.readouterr().out
+
+
 def test_fidelity_confusion_counts_what_was_asked_against_what_was_read():
     import torch
 

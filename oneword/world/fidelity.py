@@ -9,11 +9,13 @@ fit to judge inversion (a token can only be as good as the model it lives in).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ..datasets import world
+from ..errors import OnewordError
 from .oracle import Oracle
 
 
@@ -79,6 +81,62 @@ def score(oracle: Oracle, images: torch.Tensor, scenes, *, confusion: bool = Fal
     if confusion:
         result["confusion"] = table
     return result
+
+
+# The prompts of the CLIP's zero-shot reading: one per value of each attribute.
+ZERO_SHOT_PROMPTS: dict[str, str] = {
+    "shape": "a {}",
+    "colour": "a {} object",
+    "pattern": "a {} object",
+    "background": "an object on a {} background",
+    "size": "a {} object",
+    "position": "an object at the {}",
+}
+
+
+@torch.no_grad()
+def zero_shot_accuracy(
+    image_features: torch.Tensor, text_features: Callable[[list[str]], torch.Tensor], scenes
+) -> dict[str, float]:
+    """Per attribute: share of `scenes` whose image feature is closest to the prompt that
+    names the right value (`ZERO_SHOT_PROMPTS`, unnamed values included).
+
+    Args:
+        image_features: (n, p) unit-norm features of the scenes' renders.
+        text_features: prompts -> (m, p) unit-norm features.
+    """
+    labels = world.labels(scenes)
+    result = {}
+    for attribute, template in ZERO_SHOT_PROMPTS.items():
+        text = text_features([template.format(v) for v in world.VALUES[attribute]])
+        predicted = (image_features.float() @ text.float().T).argmax(-1).cpu()
+        result[attribute] = float((predicted == labels[attribute]).float().mean())
+    return result
+
+
+def fresh_render_accuracy(
+    model_dir: str | Path, n: int = 2048, seed: int = 99, device: str | None = None
+) -> dict:
+    """The world's readers on `n` fresh renders (seeded): the oracle's accuracy per attribute
+    and, where the folder has the world's CLIP, its zero-shot accuracy. The renders are the
+    renderer's as it is now, so a change of geometry is measured against the shipped models."""
+    from ..evaluation.metrics import has_world_clip, load_clip_scorer
+    from ..images import tensor_to_images
+
+    if n < 1:
+        raise OnewordError(f"--renders must be >= 1, got {n}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    oracle = Oracle.load(Path(model_dir) / "oracle", device)
+    scenes = world.sample_scenes(n, torch.Generator().manual_seed(seed))
+    pixels = world.render(scenes, oracle.config.resolution, device=device)
+    read = score(oracle, pixels, scenes)
+    report = {"n": n, "seed": seed, "oracle": {a: read[a] for a in world.ATTRIBUTES}}
+    if has_world_clip(model_dir):
+        scorer = load_clip_scorer("world", model_dir, device)
+        images = tensor_to_images(pixels.float().cpu() / 127.5 - 1)
+        features = scorer.image_features(images)
+        report["clip_zero_shot"] = zero_shot_accuracy(features, scorer.text_features, scenes)
+    return report
 
 
 def per_value(confusion: dict[str, dict[str, int]]) -> dict[str, float]:
@@ -238,6 +296,14 @@ def add_fidelity_parser(sub) -> None:
         action="store_true",
         help="also score the VAE's reconstructions of the captions' true renders",
     )
+    parser.add_argument(
+        "--renders",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also read N fresh renders with the oracle and, zero-shot, the world's CLIP "
+        "(the model card's reader table uses 2048)",
+    )
     parser.set_defaults(func=run_fidelity)
 
 
@@ -265,6 +331,16 @@ def run_fidelity(args) -> int:
             if source is not None:
                 values = sorted(source["per_value"][attribute].items())
                 print(f"{attribute} ({name}): " + ", ".join(f"{v} {x:.0%}" for v, x in values))
+    if args.renders:
+        fresh = fresh_render_accuracy(args.model, n=args.renders, device=None)
+        report["fresh_renders"] = fresh
+        readers = [("oracle", fresh["oracle"])]
+        if "clip_zero_shot" in fresh:
+            readers.append(("CLIP zero-shot", fresh["clip_zero_shot"]))
+        print(f"\n| {args.renders} fresh renders | " + " | ".join(world.ATTRIBUTES) + " |")
+        print("|---|" + "---:|" * len(world.ATTRIBUTES))
+        for name, shares in readers:
+            print(f"| {name} | " + " | ".join(f"{shares[a]:.1%}" for a in world.ATTRIBUTES) + " |")
     if args.json:
         from ..io import atomic_write_text
 

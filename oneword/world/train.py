@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from ..datasets import world
 from ..errors import OnewordError
 from ..io import atomic_path, atomic_write_text
+from .fidelity import zero_shot_accuracy
 from .oracle import Oracle, OracleConfig, oracle_accuracy
 
 log = logging.getLogger("oneword.world")
@@ -955,25 +956,12 @@ def clip_zero_shot(
     image = F.normalize(
         _tensor(clip.get_image_features(pixel_values=to_unit(pixels))).float(), dim=-1
     )
-    labels = world.labels(scenes)
-    phrases = {
-        "shape": "a {}",
-        "colour": "a {} object",
-        "pattern": "a {} object",
-        "background": "an object on a {} background",
-        "size": "a {} object",
-        "position": "an object at the {}",
-    }
-    result = {}
-    for attribute, template in phrases.items():
-        values = world.VALUES[attribute]
-        ids = tokenizer(
-            [template.format(v) for v in values], padding=True, return_tensors="pt"
-        ).input_ids.to(device)
-        text = F.normalize(_tensor(clip.get_text_features(input_ids=ids)).float(), dim=-1)
-        predicted = (image @ text.T).argmax(-1).cpu()
-        result[attribute] = float((predicted == labels[attribute]).float().mean())
-    return result
+
+    def text_features(prompts: list[str]) -> torch.Tensor:
+        ids = tokenizer(prompts, padding=True, return_tensors="pt").input_ids.to(device)
+        return F.normalize(_tensor(clip.get_text_features(input_ids=ids)).float(), dim=-1)
+
+    return zero_shot_accuracy(image, text_features, scenes)
 
 
 @torch.no_grad()
