@@ -325,22 +325,41 @@ def _read_pickle(path: Path):
     try:
         # A file object, not the path: torch.load picks a loader by extension for paths
         # (".safetensors" -> safetensors), and the bytes have already decided.
-        with open(path, "rb") as handle:
+        with open(path, "rb") as handle, warnings.catch_warnings():
+            # torch warns about a pickle protocol it did not write before it fails on
+            # garbage; the error below says what is wrong with the file.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        # torch's message is a page of advice to turn the check off; keep only the reason.
-        found = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|\n|$)", str(exc))
-        reason = found.group(1) if found else "it holds objects other than tensors"
+        reason = _unpickling_reason(str(exc))
+        if re.search(r"GLOBAL|global|blocked|Unsupported class", reason):
+            raise EmbeddingFileError(
+                f"{path} is not a safe tensor file and was refused: unpickling it would import "
+                f"or run code ({reason[:200]}). Only plain tensor dicts (diffusers .bin, A1111 "
+                ".pt) are read; ask its author for a .safetensors file"
+            ) from None
         raise EmbeddingFileError(
-            f"{path} is not a safe tensor file and was refused: unpickling it would import "
-            f"or run code ({reason[:200]}). Only plain tensor dicts (diffusers .bin, A1111 .pt) "
-            "are read; ask its author for a .safetensors file"
+            f"{path}: not a readable pickle ({reason[:200] or 'malformed data'}); it is "
+            "truncated, corrupt or not a torch.save file"
         ) from None
     except Exception as exc:
         raise EmbeddingFileError(
             f"{path}: unreadable torch file ({type(exc).__name__}: {str(exc)[:200]}); "
             "it is truncated, corrupt or not a torch.save file"
         ) from None
+
+
+def _unpickling_reason(message: str) -> str:
+    """The reason in torch's weights-only error, without the page of advice around it (to
+    turn the check off, and a link): "Trying to load unsupported GLOBAL posix.system ...",
+    "Unsupported operand 110", ..."""
+    text = message.split("Check the documentation of torch.load")[0]
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:")[-1]
+    else:  # "... from a trusted source.\n\n\nTrying to load unsupported GLOBAL ..."
+        text = text.split("from a trusted source.")[-1]
+    text = text.split(" Please use")[0]  # how to allowlist the global
+    return re.sub(r"\s+", " ", text).strip()
 
 
 def _parse(obj, metadata: dict[str, str], path: Path, *, token: str | None) -> TokenEmbedding:

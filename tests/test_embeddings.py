@@ -173,6 +173,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
         ) as info:
             load_embedding(path)
         assert str(path) in str(info.value)
+        assert "GLOBAL" in str(info.value)  # the reason names what would have been imported
         assert not marker.exists()
 
 
@@ -195,6 +196,20 @@ def test_broken_files_are_errors_naming_the_file(tmp_path):
         assert str(path) in str(info.value), name
     with pytest.raises(EmbeddingFileError, match="does not exist"):
         load_embedding(tmp_path / "missing.safetensors")
+
+
+def test_a_garbage_pickle_is_called_corrupt_not_unsafe_and_torch_stays_quiet(tmp_path):
+    import warnings
+
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(b"\x80\x04not really a pickle")  # a protocol-4 header, then junk
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "Detected pickle protocol 4" would raise here
+        with pytest.raises(EmbeddingFileError, match="not a readable pickle") as info:
+            load_embedding(path)
+    message = str(info.value)
+    assert str(path) in message and "corrupt" in message and "run code" not in message
+    assert "Please file an issue" not in message and "weights_only" not in message
 
 
 @pytest.mark.parametrize(
