@@ -332,7 +332,7 @@ def run_fidelity(args) -> int:
                 values = sorted(source["per_value"][attribute].items())
                 print(f"{attribute} ({name}): " + ", ".join(f"{v} {x:.0%}" for v, x in values))
     if args.renders:
-        fresh = fresh_render_accuracy(args.model, n=args.renders, device=None)
+        fresh = fresh_render_accuracy(args.model, n=args.renders)
         report["fresh_renders"] = fresh
         readers = [("oracle", fresh["oracle"])]
         if "clip_zero_shot" in fresh:

@@ -351,6 +351,7 @@ class LatentPool:
         device: torch.device,
         cache: str | Path | None = None,
     ):
+        self._draw_weights: dict[tuple[float, ...], torch.Tensor] = {}
         generator = torch.Generator().manual_seed(seed)
         chunk = 256
         chunks = [
@@ -406,20 +407,18 @@ class LatentPool:
         return mean + self.std[index] * torch.randn_like(mean), captions
 
     def _scene_weights(self, pattern_weights: tuple[float, ...]) -> torch.Tensor:
-        """Per-scene draw weights: a pattern's weight split over the pool's scenes of it."""
-        cached = getattr(self, "_weights", None)
-        if cached is None or cached[0] != pattern_weights:
-            self._weights = (pattern_weights, self._compute_weights(pattern_weights))
-        return self._weights[1]
-
-    def _compute_weights(self, pattern_weights: tuple[float, ...]) -> torch.Tensor:
+        """Per-scene draw weights: a pattern's weight split over the pool's scenes of it
+        (computed once per setting: a training run asks for the same one every step)."""
+        if pattern_weights in self._draw_weights:
+            return self._draw_weights[pattern_weights]
         share = world.check_pattern_weights(pattern_weights)
         ids = torch.tensor([world.PATTERNS.index(s.pattern) for s in self.scenes])
         counts = torch.bincount(ids, minlength=len(world.PATTERNS)).to(torch.float64)
         if bool(((share > 0) & (counts == 0)).any()):
             missing = [p for p, w, c in zip(world.PATTERNS, share, counts) if w > 0 and c == 0]
             raise OnewordError(f"the latent pool holds no scene with pattern {missing}")
-        return (share / counts.clamp(min=1))[ids]
+        weights = self._draw_weights[pattern_weights] = (share / counts.clamp(min=1))[ids]
+        return weights
 
 
 def unet_pattern_weights(cfg: WorldTrainConfig) -> tuple[float, ...] | None:
