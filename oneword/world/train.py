@@ -1665,12 +1665,12 @@ def _name_values(items: list[str], flag: str) -> dict[str, float]:
     """["clip=60", "unet=300"] -> {"clip": 60.0, "unet": 300.0}."""
     out = {}
     for item in items:
-        name, sep, value = item.partition("=")
+        name, _, value = item.partition("=")
         try:
-            out[name] = float(value)
+            out[name] = float(value)  # no "=": value is "", which float() refuses too
         except ValueError:
-            sep = ""
-        if not sep or not name:
+            name = ""
+        if not name:
             raise OnewordError(f"{flag} {item}: expected NAME=NUMBER")
     return out
 
