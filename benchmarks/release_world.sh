@@ -81,12 +81,13 @@ fi
 if [ ! -f "$SUITE/suite.json" ]; then
     "$PYTHON" -m oneword.cli world suite --out "$SUITE" --images 5 --seed 0
 fi
+# results.json is rewritten after every method, so only `done` says a half is finished.
 pids=()
 evals=()
 for half in $HALVES; do
     name=${half%%:*}
     evals+=("$OUT/eval-$name")
-    if [ ! -f "$OUT/eval-$name/results.json" ]; then
+    if [ ! -f "$OUT/eval-$name/done" ]; then
         OMP_NUM_THREADS=1 "$PYTHON" -m oneword.cli eval --model "$MODEL" --suite "$SUITE" \
             --methods "$METHODS" --concepts "${half#*:}" --samples "$SAMPLES" --seed 0 --steps 30 \
             --guidance 5 --clip world --check clip --encoder "$OUT/encoder/encoder.safetensors" \
@@ -97,8 +98,11 @@ done
 for pid in "${pids[@]}"; do
     wait "$pid" || { echo "an evaluation half failed: see $OUT/eval-*.log" >&2; exit 1; }
 done
-[ -f "$OUT/eval/results.json" ] || \
+for folder in "${evals[@]}"; do touch "$folder/done"; done
+# Merged again whenever a half ran, so the report never lags its halves.
+if [ ! -f "$OUT/eval/results.json" ] || [ ${#pids[@]} -gt 0 ]; then
     "$PYTHON" benchmarks/merge_eval.py --pool "$OUT/eval" "${evals[@]}"
+fi
 
 # 4. The README's first command on the candidate, timed.
 "$PYTHON" -m oneword.cli demo --model "$MODEL" --encoder "$OUT/encoder/encoder.safetensors" \
