@@ -9,6 +9,9 @@
 #            third of the images
 #   levers   $LEVERS (default: --unet-omit-solid 0 --unet-unnamed-pattern-weight 0.25,
 #            i.e. "solid" written wherever a template has room, unnamed patterns on 11%)
+# With CONTROL set (flags of the control arm; default none, the shipped recipe), the same
+# script compares a new lever against an earlier one, e.g. CONTROL="--unet-omit-solid 0
+# --unet-unnamed-pattern-weight 0.25" LEVERS="$CONTROL --unet-pattern-weight checkered=2".
 # The control arm is what makes the comparison fair: a re-warmed learning rate and more
 # steps move fidelity by themselves. Then each arm, and $MODEL itself, is measured with the
 # README's fidelity command (240 captions, DDIM 30, guidance 5, seed 0), and one table is
@@ -21,7 +24,7 @@
 # 1,000 steps, plus ~6 min per fidelity run.
 # Settings: MODEL, OUT, STEPS, LR, POOL (latent pool size), POOL_CACHE (a pool.safetensors of
 # an earlier run with the same VAE, renderer, size and seed: copied instead of re-encoding),
-# LEVERS, CAPTIONS, PRESET, PYTHON. A dry run of the script itself on a tiny world:
+# LEVERS, CONTROL, CAPTIONS, PRESET, PYTHON. A dry run of the script itself on a tiny world:
 #   .venv/bin/oneword world train --preset tiny --out /tmp/tw --work /tmp/tw-work
 #   MODEL=/tmp/tw OUT=/tmp/levers PRESET=tiny STEPS=2 POOL=64 CAPTIONS=4 \
 #   bash benchmarks/caption_levers.sh
@@ -36,6 +39,7 @@ LR=${LR:-1e-4}
 POOL=${POOL:-20000}
 POOL_CACHE=${POOL_CACHE:-}
 LEVERS=${LEVERS:---unet-omit-solid 0 --unet-unnamed-pattern-weight 0.25}
+CONTROL=${CONTROL:-}
 CAPTIONS=${CAPTIONS:-240}
 PRESET=${PRESET:-cpu}
 mkdir -p "$OUT"
@@ -68,6 +72,7 @@ for arm in control levers; do
     fi
     flags=()
     [ "$arm" = levers ] && read -r -a flags <<< "$LEVERS"
+    [ "$arm" = control ] && read -r -a flags <<< "$CONTROL"
     if [ ! -f "$work/unet/done" ]; then
         OMP_NUM_THREADS=1 "$PYTHON" -m oneword.cli world train --preset "$PRESET" --stages unet \
             --threads 1 --seed 0 --out "$world" --work "$work" --unet-init "$MODEL/unet" \

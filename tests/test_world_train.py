@@ -80,6 +80,7 @@ def test_stage_resumes_from_its_checkpoint(tmp_path):
 def test_cli_flags_override_the_preset():
     import argparse
 
+    from oneword.errors import OnewordError
     from oneword.world.train import add_world_parser
 
     parser = argparse.ArgumentParser()
@@ -97,13 +98,21 @@ def test_cli_flags_override_the_preset():
             "16",
             "--stage-seconds",
             "unet=30",
+            "--unet-pattern-weight",
+            "checkered=2",
+            "dotted=1.5",
         ]
     )
     cfg = config_from_args(args)
     assert (
         cfg.unet_steps == 7 and cfg.unet_channels == (8, 16) and cfg.stage_seconds == {"unet": 30.0}
     )
+    assert cfg.unet_pattern_weight == {"checkered": 2.0, "dotted": 1.5}
     assert cfg.clip_steps == PRESETS["tiny"]["clip_steps"]
+    for bad in ("checkered", "checkered=two", "=2"):
+        args = parser.parse_args(["world", "train", "--unet-pattern-weight", bad])
+        with pytest.raises(OnewordError, match=f"--unet-pattern-weight {bad}: expected NAME="):
+            config_from_args(args)
 
 
 def test_every_config_flag_has_help_with_the_cpu_presets_value(capsys):
@@ -643,6 +652,11 @@ def test_unet_pattern_settings_reweight_the_pool_draws_and_bad_ones_fail_before_
     assert unet_pattern_weights(cfg) is None  # the shipped recipe: the renderer's own draw
     quarter = unet_pattern_weights(replace(cfg, unet_unnamed_pattern_weight=0.25))
     assert quarter == tuple(0.25 if p in UNNAMED_PATTERNS else 1.0 for p in PATTERNS)
+    by_name = unet_pattern_weights(
+        replace(cfg, unet_unnamed_pattern_weight=0.25, unet_pattern_weight={"checkered": 2.0})
+    )
+    assert dict(zip(PATTERNS, by_name)) == {**dict(zip(PATTERNS, quarter)), "checkered": 2.0}
+    assert unet_pattern_weights(replace(cfg, unet_pattern_weight={"split": 1.0})) is None
 
     vae = AutoencoderKL.from_pretrained(tiny_world_dir / "vae").eval()
     pool = LatentPool(vae, 60, seed=3, resolution=64, device=torch.device("cpu"))
@@ -660,6 +674,8 @@ def test_unet_pattern_settings_reweight_the_pool_draws_and_bad_ones_fail_before_
     for field_name, value, match in (
         ("unet_unnamed_pattern_weight", 0.0, "--unet-unnamed-pattern-weight must be > 0"),
         ("unet_omit_solid", 1.5, "--unet-omit-solid must be in"),
+        ("unet_pattern_weight", {"plaid": 2.0}, r"plaid=\.\.\.: no such pattern .*checkered"),
+        ("unet_pattern_weight", {"dotted": 0.0}, "dotted=0.0: must be > 0"),
     ):
         bad = replace(cfg, out=str(tmp_path / "w"), work=str(tmp_path / "work"),
                       **{field_name: value})  # fmt: skip

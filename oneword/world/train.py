@@ -146,6 +146,9 @@ class WorldTrainConfig:
     # Draw weight of an unnamed-pattern image relative to a named one (1: as rendered, a
     # third of the images; 0.25: 11%). Must stay > 0: the unnamed values have to appear.
     unet_unnamed_pattern_weight: float = 1.0
+    # Draw weights of single patterns by name, over the above (e.g. {"checkered": 2}: v3's
+    # weakest value, read as dotted, drawn twice as often as another named one). Each > 0.
+    unet_pattern_weight: dict = field(default_factory=dict)
     ema_decay: float = 0.999
     fidelity_every: int = 0  # steps between quick oracle checks of samples (0 = only at the end)
     fidelity_captions: int = 64
@@ -201,6 +204,8 @@ FLAG_HELP: dict[str, str] = {
     "caption_dropout": "fraction of empty captions (for classifier-free guidance)",
     "unet_omit_solid": "how often a UNet caption leaves out solid (3 of 12 templates never write it)",
     "unet_unnamed_pattern_weight": "draw weight of unnamed-pattern images vs named ones (> 0)",
+    "unet_pattern_weight": "draw weight of single patterns by name, over the unnamed weight "
+    "(each > 0), e.g. checkered=2",
     "ema_decay": "decay of the UNet's EMA weights",
     "fidelity_every": "UNet steps between quick oracle checks (0: only at the end)",
     "fidelity_captions": "captions of each quick oracle check",
@@ -432,9 +437,27 @@ def unet_pattern_weights(cfg: WorldTrainConfig) -> tuple[float, ...] | None:
         )
     if not 0.0 <= cfg.unet_omit_solid <= 1.0:
         raise OnewordError(f"--unet-omit-solid must be in [0, 1], got {cfg.unet_omit_solid}")
-    if w == 1.0:
+    weights = {p: w if p in world.UNNAMED_PATTERNS else 1.0 for p in world.PATTERNS}
+    for name, value in cfg.unet_pattern_weight.items():
+        if name not in weights:
+            raise OnewordError(
+                f"--unet-pattern-weight {name}=...: no such pattern (expected one of "
+                f"{', '.join(world.PATTERNS)})"
+            )
+        if not (math.isfinite(value) and value > 0):
+            raise OnewordError(
+                f"--unet-pattern-weight {name}={value}: must be > 0 (every pattern has to "
+                f"appear in the UNet's images)"
+            )
+        if name in world.UNNAMED_PATTERNS and w != 1.0:
+            raise OnewordError(
+                f"--unet-pattern-weight {name}=... and --unet-unnamed-pattern-weight {w} both "
+                f"set the weight of {name}: give one of them"
+            )
+        weights[name] = float(value)
+    if all(value == 1.0 for value in weights.values()):
         return None
-    return tuple(w if p in world.UNNAMED_PATTERNS else 1.0 for p in world.PATTERNS)
+    return tuple(weights.values())
 
 
 def _fingerprint(module: torch.nn.Module) -> str:
@@ -1553,7 +1576,7 @@ def add_world_parser(subparsers) -> None:
         "(larger batches and more steps), tiny (seconds; for tests)",
     )
     for f in fields(WorldTrainConfig):
-        if f.name in ("extra", "stages", "stage_seconds"):
+        if f.name in ("extra", "stages", "stage_seconds", "unet_pattern_weight"):
             continue
         kind = type(f.default) if not isinstance(f.default, tuple) else None
         flag = "--" + f.name.replace("_", "-")
@@ -1578,6 +1601,13 @@ def add_world_parser(subparsers) -> None:
         default=None,
         metavar="STAGE=SECONDS",
         help="wall-time cap per stage, e.g. clip=60 unet=300",
+    )
+    train.add_argument(
+        "--unet-pattern-weight",
+        nargs="+",
+        default=None,
+        metavar="PATTERN=WEIGHT",
+        help=FLAG_HELP["unet_pattern_weight"] + " (the cpu preset: none)",
     )
     train.set_defaults(func=run_world_train)
     suite = sub.add_parser(
@@ -1625,10 +1655,24 @@ def config_from_args(args) -> WorldTrainConfig:
         value = getattr(args, f.name, None)
         if value is None or f.name == "extra":
             continue
-        if f.name == "stage_seconds":
-            value = {k: float(v) for k, v in (item.split("=", 1) for item in value)}
+        if f.name in ("stage_seconds", "unet_pattern_weight"):
+            value = _name_values(value, "--" + f.name.replace("_", "-"))
         overrides[f.name] = tuple(value) if isinstance(value, list) else value
     return replace(cfg, **overrides)
+
+
+def _name_values(items: list[str], flag: str) -> dict[str, float]:
+    """["clip=60", "unet=300"] -> {"clip": 60.0, "unet": 300.0}."""
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            out[name] = float(value)  # no "=": value is "", which float() refuses too
+        except ValueError:
+            name = ""
+        if not name:
+            raise OnewordError(f"{flag} {item}: expected NAME=NUMBER")
+    return out
 
 
 def run_world_train(args) -> int:
