@@ -676,6 +676,8 @@ def test_unet_pattern_settings_reweight_the_pool_draws_and_bad_ones_fail_before_
         ("unet_omit_solid", 1.5, "--unet-omit-solid must be in"),
         ("unet_pattern_weight", {"plaid": 2.0}, r"plaid=\.\.\.: no such pattern .*checkered"),
         ("unet_pattern_weight", {"dotted": 0.0}, "dotted=0.0: must be > 0"),
+        ("stage_seconds", {"unte": 30.0}, r"--stage-seconds unte=\.\.\.: no such stage .*unet"),
+        ("stage_seconds", {"unet": -1.0}, "--stage-seconds unet=-1.0: must be >= 0"),
     ):
         bad = replace(cfg, out=str(tmp_path / "w"), work=str(tmp_path / "work"),
                       **{field_name: value})  # fmt: skip

@@ -460,6 +460,20 @@ def unet_pattern_weights(cfg: WorldTrainConfig) -> tuple[float, ...] | None:
     return tuple(weights.values())
 
 
+def check_stage_seconds(cfg: WorldTrainConfig) -> None:
+    """Refuse a `--stage-seconds` cap for a stage that does not exist or is negative."""
+    for name, seconds in cfg.stage_seconds.items():
+        if name not in STAGES + OPTIONAL_STAGES:
+            raise OnewordError(
+                f"--stage-seconds {name}=...: no such stage (expected one of "
+                f"{', '.join(STAGES + OPTIONAL_STAGES)})"
+            )
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise OnewordError(
+                f"--stage-seconds {name}={seconds}: must be >= 0 seconds (0: no cap)"
+            )
+
+
 def _fingerprint(module: torch.nn.Module) -> str:
     """A digest of a module's weights (which VAE encoded a cached pool)."""
     digest = hashlib.sha256()
@@ -1495,6 +1509,7 @@ def train_world(cfg: WorldTrainConfig) -> dict:
     With `cfg.jobs` > 1, independent stages run side by side in their own processes.
     """
     unet_pattern_weights(cfg)  # a bad pattern setting fails now, not after the first stages
+    check_stage_seconds(cfg)  # a misspelt stage would otherwise run without its cap
     if cfg.jobs > 1:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         Path(cfg.work).mkdir(parents=True, exist_ok=True)
