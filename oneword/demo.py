@@ -1,4 +1,4 @@
-"""`oneword demo`: the whole job on the built-in miniature world, offline, in a few minutes on a CPU.
+"""`oneword demo`: the whole job on the built-in miniature world, offline, in minutes on a CPU.
 
 1. Write a held-out concept's images (a shape/colour/pattern the captions never name) to a folder.
 2. Learn its token in the world model: with the trained concept encoder when there is one
