@@ -1,4 +1,4 @@
-"""`oneword demo`: the whole job on the built-in miniature world, offline, in about a minute.
+"""`oneword demo`: the whole job on the built-in miniature world, offline, in minutes on a CPU.
 
 1. Write a held-out concept's images (a shape/colour/pattern the captions never name) to a folder.
 2. Learn its token in the world model: with the trained concept encoder when there is one
@@ -19,7 +19,7 @@ import torch
 
 from .errors import OnewordError
 
-DEMO_STEPS = 150  # short: the point is to see it work end to end in under a minute
+DEMO_STEPS = 150  # short: the point is to see it work end to end in a few minutes
 
 
 def _concept(name: str | None):

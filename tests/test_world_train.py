@@ -341,7 +341,7 @@ def test_latent_pool_cache_is_reused_only_for_the_same_vae_renderer_and_settings
     encoded.clear()
     train.LatentPool(vae, 10, seed=4, resolution=64, device=cpu, cache=cache)
     assert encoded
-    encoded.clear()  # another renderer (a change of geometry): re-encoded too
+    encoded.clear()  # another renderer (world v3 moved the objects): re-encoded too
     train.LatentPool(vae, 10, seed=4, resolution=64, device=cpu, cache=cache)
     assert not encoded
     monkeypatch.setattr(train, "_render_fingerprint", lambda resolution: "another renderer")

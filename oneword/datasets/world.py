@@ -102,20 +102,24 @@ TONES: dict[str, tuple[int, int, int]] = {
     for name, rgb in COLOURS.items()
 }
 
-# Geometry, in fractions of the image side (independent of the resolution).
-_RADIUS = {"small": 0.16, "big": 0.26}  # object radius: ~10 px / ~17 px at 64 px
+# Geometry, in fractions of the image side (independent of the resolution). World v3 made
+# objects bigger (v2: radius 0.16 / 0.26, centres 0.29 / 0.71): v2's UNet drew the pattern
+# of 58% of small objects and 76% of big ones (240 captions), so the pattern needs more
+# latent pixels; the positions moved inward to keep big objects in the frame.
+_RADIUS = {"small": 0.19, "big": 0.28}  # object radius: ~12 px / ~18 px at 64 px
 _CENTRES = {
     "center": (0.5, 0.5),
-    "left": (0.29, 0.5),
-    "right": (0.71, 0.5),
-    "top": (0.5, 0.29),
-    "bottom": (0.5, 0.71),
+    "left": (0.31, 0.5),
+    "right": (0.69, 0.5),
+    "top": (0.5, 0.31),
+    "bottom": (0.5, 0.69),
 }
 JITTER = 0.03  # max |dx|, |dy| (~2 px at 64 px); never captioned
 MAX_ROTATION = 15.0  # degrees, in the object's frame (the pattern turns with it)
-# Pattern period: 11 px for big objects, 9 px for small ones at 64 px (not fully
-# proportional to the size, so small objects still show a readable pattern).
-_PERIOD = {"small": 9.0 / 64, "big": 11.0 / 64}
+# Pattern period: 14 px for big objects, 10.5 px for small ones at 64 px (3.5 / 2.6 latent
+# pixels of the 16x16 grid; v2: 11 / 9 px). Not fully proportional to the size, so small
+# objects still show a readable pattern.
+_PERIOD = {"small": 10.5 / 64, "big": 14.0 / 64}
 
 # Background validity: far enough from the object colour (and from the pattern's second
 # tone) that the object never vanishes into the background.
@@ -451,8 +455,9 @@ def _diamond(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def _ring(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # Half a radius wide (v2: 0.45), so a pattern on a small ring spans more than a dot.
     r2 = u * u + v * v
-    return (r2 <= 0.95**2) & (r2 >= 0.5**2)
+    return (r2 <= 0.95**2) & (r2 >= 0.45**2)
 
 
 def _hexagon(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -505,10 +510,10 @@ def _tone_mask(pattern: str, u: torch.Tensor, v: torch.Tensor, period: torch.Ten
         return None
     if pattern == "striped":  # diagonal stripes, half a period wide
         return _fractional((u + v) * (math.sqrt(0.5) / period)) >= 0.5
-    if pattern == "dotted":  # one dot per cell of a square grid
-        cell = period * 1.15
-        cu, cv = _fractional(u / cell) - 0.5, _fractional(v / cell) - 0.5
-        return cu * cu + cv * cv <= 0.33**2
+    if pattern == "dotted":  # one dot per cell of a square grid, 0.68 of a cell across
+        # (v2: cells of 1.15 periods, dots 0.66 across: sparser, and read as solid)
+        cu, cv = _fractional(u / period) - 0.5, _fractional(v / period) - 0.5
+        return cu * cu + cv * cv <= 0.34**2
     if pattern == "checkered":  # squares half a period wide
         cells = torch.floor(u * (2 / period)) + torch.floor(v * (2 / period))
         return torch.remainder(cells, 2) == 1

@@ -486,7 +486,7 @@ def _fingerprint(module: torch.nn.Module) -> str:
 @functools.lru_cache(maxsize=4)
 def _render_fingerprint(resolution: int) -> str:
     """A digest of a few fixed renders: a pool cached before a change of the renderer's
-    geometry (object sizes, positions, pattern periods) is not reused."""
+    geometry (world v3 moved and resized the objects) is not reused."""
     scenes = world.sample_scenes(32, torch.Generator().manual_seed(0))
     pixels = world.render(scenes, resolution)
     return hashlib.sha256(pixels.numpy().tobytes()).hexdigest()[:16]
