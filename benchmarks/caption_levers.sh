@@ -3,8 +3,9 @@
 # "Where the pattern errors go": over half of the pattern errors draw an unnamed pattern,
 # split or concentric, for a named one.)
 #
-# Two arms continue the same UNet ($MODEL/unet) for the same steps, seed, data and learning
-# rate schedule, side by side at one thread each, and differ only in the UNet's captions:
+# Arms continue the same UNet ($MODEL/unet) for the same steps, seed, data and learning
+# rate schedule, side by side at THREADS threads each, and differ only in the UNet's captions
+# (by default two; ARMS below adds more):
 #   control  the shipped recipe: "solid" left out 60% of the time, unnamed patterns on a
 #            third of the images
 #   levers   $LEVERS (default: --unet-omit-solid 0 --unet-unnamed-pattern-weight 0.25,
@@ -17,14 +18,21 @@
 # README's fidelity command (240 captions, DDIM 30, guidance 5, seed 0), and one table is
 # printed: per attribute, per pattern, and how many pattern errors are unnamed patterns.
 #
-# Writes $OUT/{control,levers}/world (pipeline folders), $OUT/{control,levers}/work,
-# $OUT/{base,control,levers}/fidelity.json and logs; every step skips what is finished and
+# Writes $OUT/ARM/world (pipeline folders), $OUT/ARM/work,
+# $OUT/{base,ARM}/fidelity.json and logs; every step skips what is finished and
 # the UNet runs resume, so an interrupted run continues. Measured cost on the 2-core CPU for
 # the v3 UNet (attention at 16x16): about 4 s per step per arm at one thread, so ~70 min for
 # 1,000 steps, plus ~6 min per fidelity run.
 # Settings: MODEL, OUT, STEPS, LR, POOL (latent pool size), POOL_CACHE (a pool.safetensors of
 # an earlier run with the same VAE, renderer, size and seed: copied instead of re-encoding),
-# LEVERS, CONTROL, CAPTIONS, PRESET, PYTHON. A dry run of the script itself on a tiny world:
+# LEVERS, CONTROL, CAPTIONS, PRESET, PYTHON; THREADS (per arm, default 1), DEVICE (default
+# auto), FIDELITY_EVERY (quick checks, default 500), COMMON (flags every arm gets, e.g.
+# "--stage-seconds unet=300 --unet-batch 256"), and ARMS (default "control levers"): an arm
+# named other than those two takes its flags from ARM_<name> (after COMMON and LR, so they
+# override them). FIDELITY=0 stops after the UNet runs (a second call measures them). On a GPU the arms share the device, e.g. (benchmarks/gpu_world_unet.sh):
+#   DEVICE=cuda PRESET=gpu COMMON="--stage-seconds unet=300" ARMS="levers checkered" \
+#   ARM_checkered="$LEVERS --unet-pattern-weight checkered=2" bash benchmarks/caption_levers.sh
+# A dry run of the script itself on a tiny world:
 #   .venv/bin/oneword world train --preset tiny --out /tmp/tw --work /tmp/tw-work
 #   MODEL=/tmp/tw OUT=/tmp/levers PRESET=tiny STEPS=2 POOL=64 CAPTIONS=4 \
 #   bash benchmarks/caption_levers.sh
@@ -42,7 +50,30 @@ LEVERS=${LEVERS:---unet-omit-solid 0 --unet-unnamed-pattern-weight 0.25}
 CONTROL=${CONTROL:-}
 CAPTIONS=${CAPTIONS:-240}
 PRESET=${PRESET:-cpu}
+THREADS=${THREADS:-1}
+DEVICE=${DEVICE:-auto}
+FIDELITY_EVERY=${FIDELITY_EVERY:-500}
+FIDELITY=${FIDELITY:-1}
+COMMON=${COMMON:-}
+ARMS=${ARMS:-control levers}
+read -r -a arms <<< "$ARMS"
+read -r -a common <<< "$COMMON"
 mkdir -p "$OUT"
+
+# Each arm's own flags: LEVERS, CONTROL or ARM_<name>.
+arm_flags() {
+    case "$1" in
+        levers) echo "$LEVERS" ;;
+        control) echo "$CONTROL" ;;
+        *) local var="ARM_$1"; [ -n "${!var+set}" ] || { echo "arm '$1': set $var" >&2; exit 2; }
+           echo "${!var}" ;;
+    esac
+}
+for arm in "${arms[@]}"; do
+    [[ "$arm" =~ ^[A-Za-z0-9_]+$ ]] || { echo "arm name '$arm': letters, digits and _ only" >&2; exit 2; }
+    [ "$arm" != base ] || { echo "arm name 'base' is the measured \$MODEL itself" >&2; exit 2; }
+    arm_flags "$arm" > /dev/null
+done
 
 # The UNet's architecture, read from the one being continued (--unet-init copies tensors by
 # name and shape, so the arms must build the same UNet).
@@ -58,7 +89,7 @@ EOF
 )
 
 pids=()
-for arm in control levers; do
+for arm in "${arms[@]}"; do
     world="$OUT/$arm/world"
     work="$OUT/$arm/work"
     if [ ! -f "$world/model_index.json" ]; then
@@ -70,14 +101,13 @@ for arm in control levers; do
         mkdir -p "$work/unet"
         cp "$POOL_CACHE" "$work/unet/pool.safetensors"
     fi
-    flags=()
-    [ "$arm" = levers ] && read -r -a flags <<< "$LEVERS"
-    [ "$arm" = control ] && read -r -a flags <<< "$CONTROL"
+    read -r -a flags <<< "$(arm_flags "$arm")"
     if [ ! -f "$work/unet/done" ]; then
-        OMP_NUM_THREADS=1 "$PYTHON" -m oneword.cli world train --preset "$PRESET" --stages unet \
-            --threads 1 --seed 0 --out "$world" --work "$work" --unet-init "$MODEL/unet" \
-            "${arch[@]}" --unet-steps "$STEPS" --unet-lr "$LR" --unet-warmup 50 \
-            --unet-pool "$POOL" --fidelity-every 500 "${flags[@]}" >> "$OUT/$arm.log" 2>&1 &
+        OMP_NUM_THREADS=$THREADS "$PYTHON" -m oneword.cli world train --preset "$PRESET" \
+            --stages unet --device "$DEVICE" --threads "$THREADS" --seed 0 --out "$world" \
+            --work "$work" --unet-init "$MODEL/unet" "${arch[@]}" --unet-steps "$STEPS" \
+            --unet-lr "$LR" --unet-warmup 50 --unet-pool "$POOL" \
+            --fidelity-every "$FIDELITY_EVERY" "${common[@]}" "${flags[@]}" >> "$OUT/$arm.log" 2>&1 &
         pids+=($!)
     fi
 done
@@ -85,13 +115,15 @@ for pid in "${pids[@]}"; do
     wait "$pid" || { echo "a UNet arm failed: see $OUT/*.log" >&2; exit 1; }
 done
 
+[ "$FIDELITY" = 0 ] && exit 0
+
 pids=()
-for arm in base control levers; do
+for arm in base "${arms[@]}"; do
     model="$OUT/$arm/world"
     [ "$arm" = base ] && model="$MODEL"
     mkdir -p "$OUT/$arm"
     if [ ! -f "$OUT/$arm/fidelity.json" ]; then
-        OMP_NUM_THREADS=1 "$PYTHON" -m oneword.cli world fidelity --model "$model" \
+        OMP_NUM_THREADS=$THREADS "$PYTHON" -m oneword.cli world fidelity --model "$model" \
             --captions "$CAPTIONS" --samples 1 --steps 30 --guidance 5 --seed 0 \
             --json "$OUT/$arm/fidelity.json" >> "$OUT/$arm-fidelity.log" 2>&1 &
         pids+=($!)
@@ -101,11 +133,11 @@ for pid in "${pids[@]}"; do
     wait "$pid" || { echo "a fidelity run failed: see $OUT/*-fidelity.log" >&2; exit 1; }
 done
 
-"$PYTHON" - "$OUT" <<'EOF'
+"$PYTHON" - "$OUT" base "${arms[@]}" <<'EOF'
 import json, sys
 from oneword.datasets.world import ATTRIBUTES, NAMED_PATTERNS, UNNAMED_PATTERNS
 
-arms = ("base", "control", "levers")
+arms = sys.argv[2:]
 reports = {a: json.load(open(f"{sys.argv[1]}/{a}/fidelity.json")) for a in arms}
 print("| attribute | " + " | ".join(arms) + " |")
 print("|---|" + "---:|" * len(arms))
