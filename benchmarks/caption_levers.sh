@@ -29,9 +29,11 @@
 # auto), FIDELITY_EVERY (quick checks, default 500), COMMON (flags every arm gets, e.g.
 # "--stage-seconds unet=300 --unet-batch 256"), and ARMS (default "control levers"): an arm
 # named other than those two takes its flags from ARM_<name> (after COMMON and LR, so they
-# override them). FIDELITY=0 stops after the UNet runs (a second call measures them). On a GPU the arms share the device, e.g. (benchmarks/gpu_world_unet.sh):
+# override them). FIDELITY=0 stops after the UNet runs (a second call measures them). On a
+# GPU the arms share the device, e.g. (benchmarks/gpu_world_unet.sh does this):
 #   DEVICE=cuda PRESET=gpu COMMON="--stage-seconds unet=300" ARMS="levers checkered" \
-#   ARM_checkered="$LEVERS --unet-pattern-weight checkered=2" bash benchmarks/caption_levers.sh
+#   ARM_checkered="--unet-omit-solid 0 --unet-unnamed-pattern-weight 0.25 \
+#   --unet-pattern-weight checkered=2" bash benchmarks/caption_levers.sh
 # A dry run of the script itself on a tiny world:
 #   .venv/bin/oneword world train --preset tiny --out /tmp/tw --work /tmp/tw-work
 #   MODEL=/tmp/tw OUT=/tmp/levers PRESET=tiny STEPS=2 POOL=64 CAPTIONS=4 \
