@@ -20,6 +20,7 @@ examples:
   oneword invert --images photos/ --token "<my-cup>" --init cup --out runs/cup
   oneword export runs/cup/learned_embeds.safetensors --to a1111 my-cup.pt
   oneword world train --preset cpu               # retrain the miniature world (about 2 h on 2 cores)
+  oneword serve                                  # a web page on http://127.0.0.1:7860
 """
 
 
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _info_parser(subparsers)
     # Each module registers its own subcommand; imports stay light until a command runs.
+    from .cli_serve import add_serve_parser
     from .demo import add_demo_parser
     from .embeddings import add_export_parser
     from .encode import add_encode_parser
@@ -79,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(subparsers)
     add_eval_parser(subparsers)
     add_world_parser(subparsers)
+    add_serve_parser(subparsers)
     return parser
 
 

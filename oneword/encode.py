@@ -51,6 +51,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -393,6 +394,7 @@ def encode(
     config: EncodeConfig | None = None,
     out_dir: str | os.PathLike | None = None,
     tower=None,
+    progress: Callable[[dict], None] | None = None,
     **settings,
 ) -> EncodeResult:
     """Learn a token for a concept: predict, refine, check, and fall back when needed.
@@ -409,6 +411,12 @@ def encode(
         out_dir: where learned_embeds.safetensors, samples.png and log.json go; None
             writes nothing.
         tower: the encoder's loaded `ImageTower` (loaded from its config when None).
+        progress: called with a dict at every stage, for a progress display:
+            {"stage": "encoder", "seconds"}; {"stage": "refine" or "fallback", "step",
+            "total", "loss"} after every step (`invert`'s events, renamed); {"stage":
+            "check", "after": "encoder"/"refined"/"fallback", "check", "score",
+            "threshold", "passed", "fallback"}; {"stage": "samples"} before samples.png.
+            An exception it raises (a user's cancel) ends the run; nothing is written.
         **settings: `EncodeConfig` fields overriding `config` (refine_steps=0,
             fallback=False, threshold=..., ...); None keeps the config's value.
 
@@ -446,6 +454,11 @@ def encode(
     prediction = encode_concept(encoder, model, images, token, class_word, tower=tower)
     _sync(model.device)
     timings["encoder"] = time.perf_counter() - tic
+    report = progress or (lambda event: None)
+    report({"stage": "encoder", "seconds": timings["encoder"]})
+
+    def stage_progress(stage: str):
+        return None if progress is None else (lambda event: progress(event | {"stage": stage}))
 
     # 3. Stage 2: refine with classic inversion, warm-started from (and pulled toward) it.
     refine = None
@@ -466,6 +479,7 @@ def encode(
             refine_config,
             class_word=class_word,
             warm_start=prediction,
+            progress=stage_progress("refine"),
         )
         placeholder, path_taken, refine = refined.placeholder, "refined", _run_facts(refined)
         timings["refine"] = time.perf_counter() - tic
@@ -486,6 +500,17 @@ def encode(
         score = scores[path_taken] = checker.score(placeholder)
         timings["check"] = time.perf_counter() - tic
         passed = score <= config.threshold  # False for a NaN score
+        report(
+            {
+                "stage": "check",
+                "after": path_taken,
+                "check": config.check,
+                "score": score,
+                "threshold": config.threshold,
+                "passed": passed,
+                "fallback": config.fallback and not passed,
+            }
+        )
         if passed:
             log.info("%s: score %.4f <= threshold %g", token, score, config.threshold)
         elif not config.fallback:
@@ -513,6 +538,7 @@ def encode(
                 _inversion_config(config, vectors, **overrides),
                 class_word=class_word,
                 warm_start=start,
+                progress=stage_progress("fallback"),
             )
             set_rows(model, placeholder, full.vectors)
             path_taken, fallback = "fallback", _run_facts(full)
@@ -520,6 +546,17 @@ def encode(
             tic = time.perf_counter()
             score = scores["fallback"] = checker.score(placeholder)
             timings["check"] += time.perf_counter() - tic
+            report(
+                {
+                    "stage": "check",
+                    "after": "fallback",
+                    "check": config.check,
+                    "score": score,
+                    "threshold": config.threshold,
+                    "passed": score <= config.threshold,
+                    "fallback": False,
+                }
+            )
             if not score <= config.threshold:
                 log.warning(
                     "%s: after full inversion the score is still %.4f > threshold %g",
@@ -583,6 +620,7 @@ def encode(
             },
         )
         if config.samples:
+            report({"stage": "samples"})
             files["samples"] = _save_samples(
                 out / "samples.png", model, placeholder, images, config
             )

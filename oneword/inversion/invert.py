@@ -23,7 +23,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -402,11 +402,14 @@ def _train(
     resume=False,
     clip=None,
     snapshots: dict[int, tuple] | None = None,
+    progress: Callable[[dict], None] | None = None,
 ) -> dict:
     """Optimise the concepts' rows together; returns timing and counters for log.json.
 
     `snapshots` (one concept only): a dict whose keys are steps; each is filled with
     (rows per text encoder, time.perf_counter() at that step) when the run passes it.
+    `progress`: called after every step with {"stage": "invert", "step", "total", "loss"}
+    (the loss EMA, None before the first finite step); an exception it raises ends the run.
     """
     # 1. The optimizer sees exactly these placeholders' rows: one leaf per concept and text
     # encoder, written into the shared `rows` parameter before each forward. Rows of other
@@ -531,6 +534,13 @@ def _train(
         bar.update(1)
         if emas:
             bar.set_postfix(loss=f"{sum(emas) / len(emas):.4f}", refresh=False)
+        if progress is not None:
+            loss = sum(emas) / len(emas) if emas else None
+            try:
+                progress({"stage": "invert", "step": step, "total": config.steps, "loss": loss})
+            except BaseException:
+                bar.close()
+                raise
         if checkpoint_dir is not None and step % config.checkpoint_every == 0:
             stats["seconds_total"] += time.perf_counter() - started
             started = time.perf_counter()
@@ -686,6 +696,7 @@ def invert(
     resume: bool = False,
     warm_start=None,
     snapshots: Sequence[int] = (),
+    progress: Callable[[dict], None] | None = None,
 ) -> InversionResult:
     """Learn one placeholder token for a concept (Gal et al., 2023).
 
@@ -703,6 +714,10 @@ def invert(
         snapshots: steps at which to keep a copy of the rows (`InversionResult.snapshots`).
             With a constant lr and one seed, the rows at step n of a longer run are those of
             an n-step run, so one run gives a whole identity-vs-steps curve.
+        progress: called after every step with a dict {"stage": "invert", "step": n,
+            "total": steps, "loss": EMA of the loss or None} (a web page's progress bar);
+            an exception it raises (a user's cancel) ends the run before any file is
+            written except the checkpoints already saved.
 
     Returns:
         `InversionResult`; `vectors` per text encoder (K, d) fp32.
@@ -737,6 +752,7 @@ def invert(
         resume=resume,
         clip=clip,
         snapshots=wanted_rows if wanted else None,
+        progress=progress,
     )
     # A run that stopped early keeps its final rows at the later snapshot steps; steps
     # before a resumed run's start were not seen by this process and are left out.

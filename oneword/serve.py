@@ -1,0 +1,916 @@
+"""`oneword serve`: a web page from images to a token file, over the library's Python API.
+
+The page (Gradio, the toolkit AUTOMATIC1111 and Hugging Face Spaces are built on) does what
+the command line does, with the same functions: `encode` (encoder, refinement, check,
+fallback) or `invert` (classic inversion) to learn, `export_embedding` for the layouts other
+tools read, `generate_with_embeddings` to try a token. What lives here is only what a
+long-lived, shared server needs on top:
+
+1. `check_request`: the page's limits (count, bytes, pixels, token name), checked before
+   any work, each failure one line naming the file or the token.
+2. `ModelPool`: `concurrency` copies of the model, each handed to one job at a time and
+   reset to its own vocabulary first, so users never see (or collide with) each other's
+   tokens.
+3. `Service.learn`: one job, written into a temporary folder that becomes
+   OUT/<session>/<trigger>/ only when everything is there (a failed or cancelled job leaves
+   nothing); its progress callback raises `Cancelled` once the job's cancel flag is set
+   (the tab was closed or Stop was pressed), which ends the training loop at its next step.
+4. `build_app`: the page; `serve`: build and launch it.
+
+This module sits at the top, beside the CLI: it imports the library, no library module
+imports it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import queue
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ImageError, OnewordError
+
+log = logging.getLogger("oneword.serve")
+
+# Limits stated on the page (and enforced here and by Gradio's upload limit).
+MAX_IMAGES = 20  # images per concept: textual inversion needs 3-5, more only adds time
+MAX_FILE_MB = 20  # bytes per uploaded file (Gradio refuses bigger uploads before they land)
+MAX_STEPS = 5000  # classic / fallback steps (Gal et al. train 5k)
+DEFAULT_STEPS = 150  # the demo's budget: a fallback or a classic run of a few minutes on a CPU
+MAX_TOKEN_CHARS = 64
+TRY_MAX_IMAGES = 8
+TRY_MAX_STEPS = 100
+# The learning paths the page offers, in the order shown.
+PATHS = {
+    "auto": "encoder + refinement, automatic fallback",
+    "encoder": "encoder alone",
+    "classic": "classic inversion",
+}
+
+
+class Cancelled(OnewordError):
+    """A job stopped because its user left or pressed Stop."""
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers
+
+
+def trigger_word(token: str) -> str:
+    """The file-name form of a token, which AUTOMATIC1111 and ComfyUI use as the trigger word.
+
+    "<my-cup>" -> "my-cup"; characters a file name cannot hold become "-".
+    """
+    return re.sub(r"[^\w.-]+", "-", token).strip(".-_")
+
+
+def _file_label(path: str | Path) -> str:
+    """An uploaded file's own name (Gradio keeps it as the last part of the cached path)."""
+    return Path(path).name
+
+
+def check_request(images: Sequence[str | Path], token: str, session_dir: Path) -> str:
+    """The page's limits, before any work; returns the cleaned token.
+
+    Args:
+        images: uploaded image paths.
+        token: the new word as typed.
+        session_dir: this user's output folder (a token learned there before is refused).
+
+    Raises:
+        OnewordError: one line saying which limit and what to do.
+    """
+    token = (token or "").strip()
+    if not token:
+        raise OnewordError('the token name is empty; type a new word such as "<my-cup>"')
+    if re.search(r"\s", token) or len(token) > MAX_TOKEN_CHARS:
+        raise OnewordError(
+            f"token {token!r} must be one word without spaces, at most {MAX_TOKEN_CHARS} "
+            'characters, e.g. "<my-cup>"'
+        )
+    if not trigger_word(token):
+        raise OnewordError(f'token {token!r} has no letters or digits; use e.g. "<my-cup>"')
+    if (session_dir / trigger_word(token)).exists():
+        raise OnewordError(
+            f"you already learned {token!r} (file name {trigger_word(token)}) in this session; "
+            "pick another token name"
+        )
+    if not images:
+        raise OnewordError(
+            f"no images: upload 1-{MAX_IMAGES} images of the concept, or pick a world concept"
+        )
+    if len(images) > MAX_IMAGES:
+        raise OnewordError(
+            f"{len(images)} images uploaded; the limit is {MAX_IMAGES} (3-5 are usually enough)"
+        )
+    for path in images:
+        size = Path(path).stat().st_size
+        if size > MAX_FILE_MB * 1024 * 1024:
+            raise OnewordError(
+                f"{_file_label(path)} is {size / 2**20:.1f} MB; the limit is {MAX_FILE_MB} MB "
+                "per file"
+            )
+    return token
+
+
+def load_request_images(images: Sequence[str | Path], resolution: int) -> list:
+    """Open and fit the uploaded images (`oneword.images`); errors name the user's file."""
+    from .images import load_images
+
+    fitted = []
+    for path in images:
+        try:
+            fitted += load_images([path], resolution)
+        except ImageError as error:
+            # The cached upload path means nothing to the user; their file name does.
+            raise ImageError(str(error).replace(str(path), _file_label(path))) from None
+    return fitted
+
+
+def scene_prompts(token: str, model, concept: str | None = None) -> list[str]:
+    """Prompts of the result grid: the concept alone, then in new scenes.
+
+    The world's edit prompts (those valid for a held-out concept) on a world model, as
+    `oneword demo` shows them; classic inversion's sample prompts on any other model.
+    """
+    from .datasets import world
+    from .inversion.templates import OBJECT_SAMPLE_PROMPTS
+
+    folder = model.extra.get("folder") if isinstance(model.extra, dict) else None
+    if concept is not None:
+        identity = next(i for i in world.HELD_OUT if i.name == concept)
+        edits = [template for template, _ in world.edit_prompts(identity)[:6]]
+    elif folder and (Path(folder) / "world.json").is_file():
+        edits = [template for template, _ in world.EDIT_PROMPTS[:6]]
+    else:
+        edits = list(OBJECT_SAMPLE_PROMPTS[1:])
+    return [f"a photo of {token}"] + [template.format(token) for template in edits]
+
+
+# ---------------------------------------------------------------------------------------
+# Models shared by the jobs
+
+
+class ModelPool:
+    """`size` loaded copies of one model; `slot()` lends one, reset to its base vocabulary.
+
+    A job adds its token to the model it borrows (`add_placeholder`); the reset (the base
+    embedding put back, the tokenizers copied afresh from the pristine ones) makes the
+    next job start from the model as loaded.
+    """
+
+    def __init__(self, source: str, *, size: int = 1, device: str | None = None):
+        from .models import load_model
+
+        self.source = source
+        self._free: queue.Queue = queue.Queue()
+        self.models = []
+        for _ in range(size):
+            model = load_model(source, device=device)
+            pristine = [copy.deepcopy(tokenizer) for tokenizer in model.tokenizers]
+            self.models.append(model)
+            self._free.put((model, pristine))
+
+    @property
+    def model(self):
+        """The first copy, for facts (family, widths, resolution); do not add tokens to it."""
+        return self.models[0]
+
+    @staticmethod
+    def reset(model, pristine) -> None:
+        """Drop every token added to `model` since it was loaded."""
+        from .tokens import PlaceholderEmbedding
+
+        for text_encoder in model.text_encoders:
+            table = text_encoder.get_input_embeddings()
+            if isinstance(table, PlaceholderEmbedding):
+                text_encoder.set_input_embeddings(table.base)
+        model.tokenizers[:] = [copy.deepcopy(tokenizer) for tokenizer in pristine]
+
+    @contextmanager
+    def slot(self) -> Iterator:
+        """Borrow a model (waiting for a free one), reset before use."""
+        model, pristine = self._free.get()
+        try:
+            self.reset(model, pristine)
+            yield model
+        finally:
+            self._free.put((model, pristine))
+
+
+# ---------------------------------------------------------------------------------------
+# Jobs
+
+
+@dataclass
+class LearnRequest:
+    """What the Learn form sends.
+
+    Attributes:
+        images: uploaded image paths (1..MAX_IMAGES).
+        token: the new word, e.g. "<my-cup>".
+        class_word: the concept's class ("cup"); the initializer and the check's reference.
+        path: a key of `PATHS`.
+        steps: classic steps, or the fallback's steps on the "auto" path.
+        refine_steps: refinement steps after the encoder ("auto" path).
+        concept: the held-out world concept the images show, if picked on the page.
+        seed: seeds learning and the grid.
+    """
+
+    images: list[str]
+    token: str
+    class_word: str = ""
+    path: str = "auto"
+    steps: int = DEFAULT_STEPS
+    refine_steps: int = 50
+    concept: str | None = None
+    seed: int = 0
+
+
+@dataclass
+class LearnOutput:
+    """A finished job: its folder, files, and what the page shows."""
+
+    folder: Path
+    token: str
+    trigger: str
+    files: dict[str, Path]
+    images: list[Path]
+    why: str
+    summary: str
+    metadata: dict = field(default_factory=dict)
+
+
+def _why(path: str, log_data: dict, has_encoder: bool) -> str:
+    """One line: which path was taken and why (check score and threshold)."""
+    if log_data.get("method") == "classic":
+        reason = "chosen on the page" if has_encoder else "this model has no concept encoder"
+        return f"Path taken: classic inversion, {log_data['steps_done']} steps ({reason})."
+    check, threshold = log_data["check"], log_data["threshold"]
+    scores, taken = log_data["scores"], log_data["path_taken"]
+    first = scores.get(log_data.get("checked")) if log_data.get("checked") else None
+    if first is None:
+        return f"Path taken: {taken} (no quality check)."
+    verdict = "passed" if first <= threshold else "failed"
+    sign = "<=" if first <= threshold else ">"
+    measured = f"check {check}: score {first:.3f} {sign} threshold {threshold:g}, {verdict}"
+    if taken == "fallback":
+        steps = log_data["fallback"]["steps_done"]
+        return (
+            f"Path taken: fallback to full inversion ({steps} steps), because the {measured}; "
+            f"after it the score is {scores['fallback']:.3f} (lower is better)."
+        )
+    if taken == "encoder":
+        return f"Path taken: encoder alone (chosen on the page: no refinement, no fallback); {measured}."
+    if not log_data["config"]["fallback"]:
+        return f"Path taken: encoder + refinement; {measured} (fallback off)."
+    return f"Path taken: encoder + refinement, no fallback needed: {measured}."
+
+
+class Service:
+    """The server's state and its two jobs, `learn` and `try_it`, without any page.
+
+    Args:
+        model: diffusers folder or hub id.
+        encoder: concept encoder file for this model, or None (classic inversion only).
+        out: root of the output folders (one per browser session, one per token inside).
+        concurrency: jobs at once (= model copies in memory).
+        device: "cpu", "cuda", ... (default: CUDA if available).
+        encode_config: `EncodeConfig` defaults for the encoder paths (tests shorten them).
+        sample_steps: DDIM steps of the result grid.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        encoder: str | None = None,
+        out: str | Path = "runs/serve",
+        concurrency: int = 1,
+        device: str | None = None,
+        encode_config=None,
+        sample_steps: int = 30,
+    ):
+        from .encode import EncodeConfig
+
+        if not isinstance(concurrency, int) or not 1 <= concurrency <= 16:
+            raise OnewordError(f"--concurrency must be an integer in 1..16, got {concurrency!r}")
+        self.out = Path(out).resolve()
+        self.concurrency = concurrency
+        self.sample_steps = sample_steps
+        self.encode_config = encode_config or EncodeConfig()
+        self.encoder = self.tower = None
+        encoder_path = Path(encoder) if encoder else None
+        if encoder_path is not None and not encoder_path.is_file():
+            raise OnewordError(
+                f"no encoder at {encoder_path}; pass --encoder FILE for this model, or leave "
+                "it out to offer classic inversion only"
+            )
+        self.pool = ModelPool(model, size=concurrency, device=device)
+        if encoder_path is not None:
+            from .encoder.features import load_tower
+            from .encoder.model import check_compatible, load_encoder
+
+            first = self.pool.model
+            self.encoder = load_encoder(encoder_path, device=first.device)
+            check_compatible(self.encoder.config, first)  # refused at start, not per job
+            folder = first.extra.get("folder") if isinstance(first.extra, dict) else None
+            self.tower = load_tower(
+                self.encoder.config.tower, model_folder=folder, device=first.device
+            )
+        self.encoder_path = encoder_path
+        self._cancel: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    # -- cancel flags, one per browser session --------------------------------------------
+
+    def cancel_flag(self, session: str) -> threading.Event:
+        """A fresh flag for the session's next job (a new job clears an old cancel)."""
+        with self._lock:
+            flag = self._cancel[session] = threading.Event()
+            return flag
+
+    def cancel(self, session: str) -> None:
+        """Stop the session's running job at its next step (tab closed, or Stop)."""
+        with self._lock:
+            flag = self._cancel.get(session)
+        if flag is not None:
+            flag.set()
+
+    def session_dir(self, session: str) -> Path:
+        return self.out / trigger_word(session or "local")
+
+    # -- the world's held-out concepts ------------------------------------------------------
+
+    def concept_images(self, name: str) -> list[Path]:
+        """The images of a held-out world concept (5 scenes, rendered once, shared)."""
+        from .datasets import world
+        from .demo import write_concept_images
+        from .io import atomic_dir
+
+        if name not in {identity.name for identity in world.HELD_OUT}:
+            raise OnewordError(f"no held-out world concept named {name!r}")
+        folder = self.out / "world-concepts" / name
+        with self._lock:
+            if not folder.is_dir():
+                identity = next(i for i in world.HELD_OUT if i.name == name)
+                with atomic_dir(folder) as tmp:
+                    write_concept_images(identity, tmp)
+        return sorted(folder.glob("*.png"))
+
+    # -- learn -----------------------------------------------------------------------------
+
+    def learn(
+        self,
+        request: LearnRequest,
+        session: str,
+        *,
+        progress: Callable[[dict], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> LearnOutput:
+        """Learn a token for the request's images; files land in OUT/<session>/<trigger>/.
+
+        Args:
+            request: the form.
+            session: the browser session (its own output folder).
+            progress: called with the library's progress events (`encode`, `invert`) and
+                {"stage": "images"|"model"|"scenes"|"files", ...} around them.
+            cancel: when set, the job raises `Cancelled` at its next step or stage.
+
+        Raises:
+            OnewordError: bad input (nothing written) or `Cancelled`.
+        """
+        from .embeddings import export_embedding
+        from .io import atomic_dir
+
+        cancel = cancel or threading.Event()
+
+        def report(event: dict) -> None:
+            if cancel.is_set():
+                raise Cancelled("stopped: the page was closed or Stop was pressed")
+            if progress is not None:
+                progress(event)
+
+        started = time.perf_counter()
+        session_dir = self.session_dir(session)
+        token = check_request(request.images, request.token, session_dir)
+        if request.path not in PATHS:
+            raise OnewordError(f"path must be one of {', '.join(PATHS)}, got {request.path!r}")
+        if request.path != "classic" and self.encoder is None:
+            raise OnewordError(
+                "this server has no concept encoder for its model (start it with --encoder "
+                "FILE); choose classic inversion"
+            )
+        if not isinstance(request.steps, int) or not 1 <= request.steps <= MAX_STEPS:
+            raise OnewordError(f"steps must be a whole number in 1..{MAX_STEPS}")
+        class_word = (request.class_word or "").strip() or "object"
+        report({"stage": "images", "count": len(request.images)})
+        images = load_request_images(request.images, self.pool.model.resolution)
+        trigger = trigger_word(token)
+        report({"stage": "model", "waiting": True})
+        with self.pool.slot() as model, atomic_dir(session_dir / trigger) as tmp:
+            report({"stage": "model", "waiting": False})
+            # 1. The training images, as the model sees them.
+            for index, image in enumerate(images):
+                (tmp / "images").mkdir(exist_ok=True)
+                image.save(tmp / "images" / f"{index:02d}.png")
+            # 2. Learn: the CLI's own functions, with the page's progress and cancel.
+            if request.path == "classic":
+                from .inversion import InversionConfig, invert
+
+                config = InversionConfig(
+                    steps=request.steps, seed=request.seed, samples=False, quiet=True
+                )
+                result = invert(
+                    model,
+                    images,
+                    token,
+                    class_word,
+                    config,
+                    tmp,
+                    class_word=class_word,
+                    progress=lambda event: report(event | {"stage": "classic"}),
+                )
+                shutil.rmtree(tmp / "checkpoints", ignore_errors=True)  # nothing to resume here
+                summary = f"{token}: classic inversion, {result.log['steps_done']} steps"
+            else:
+                from .encode import encode
+
+                settings = dict(seed=request.seed, samples=False, quiet=True)
+                if request.path == "encoder":
+                    settings |= dict(refine_steps=0, fallback=False)
+                else:
+                    settings |= dict(
+                        refine_steps=request.refine_steps, fallback_steps=request.steps
+                    )
+                result = encode(
+                    model,
+                    self.encoder,
+                    images,
+                    token,
+                    class_word=class_word,
+                    config=self.encode_config,
+                    out_dir=tmp,
+                    tower=self.tower,
+                    progress=report,
+                    **settings,
+                )
+                summary = result.summary()
+            # 3. The layouts other tools read; the file name is their trigger word.
+            report({"stage": "files"})
+            diffusers_file = result.files["embedding"]
+            files = {
+                "diffusers": diffusers_file,
+                "a1111": export_embedding(diffusers_file, "a1111", tmp / f"{trigger}.pt"),
+                "kohya": export_embedding(
+                    diffusers_file, "kohya", tmp / "kohya" / f"{trigger}.safetensors"
+                ),
+            }
+            # 4. New scenes.
+            from .images import save_grid
+            from .sampling import generate
+
+            prompts = scene_prompts(token, model, request.concept)
+            report({"stage": "scenes", "prompts": len(prompts)})
+            samples = generate(
+                model,
+                prompts,
+                placeholders=[result.placeholder],
+                num_per_prompt=4,
+                steps=self.sample_steps,
+                seed=request.seed,
+            )
+            files["grid"] = save_grid(samples, tmp / "scenes.png", columns=4, labels=prompts)
+            log_data = json.loads((tmp / "log.json").read_text())
+            why = _why(request.path, log_data, self.encoder is not None)
+            metadata = {
+                "token": token,
+                "trigger word (file name)": trigger,
+                "class word": class_word,
+                "model": str(model.source),
+                "family": model.family,
+                "path": log_data.get("path_taken", "classic"),
+                "steps": log_data["steps_done"],
+                "seconds": round(time.perf_counter() - started, 1),
+                "check": log_data.get("check"),
+                "check score": log_data.get("score"),
+                "threshold": log_data.get("threshold"),
+                "images": len(images),
+            }
+            files["metadata"] = tmp / "log.json"
+            report({"stage": "done"})  # a cancel up to here leaves nothing behind
+        folder = session_dir / trigger
+        return LearnOutput(
+            folder=folder,
+            token=token,
+            trigger=trigger,
+            files={name: folder / path.relative_to(tmp) for name, path in files.items()},
+            images=sorted((folder / "images").glob("*.png")),
+            why=why,
+            summary=summary,
+            metadata=metadata,
+        )
+
+    # -- try it ----------------------------------------------------------------------------
+
+    def try_it(
+        self,
+        prompt: str,
+        embeddings: Sequence[str | Path],
+        *,
+        seed: int = 0,
+        steps: int = 30,
+        guidance: float = 5.0,
+        num: int = 4,
+    ) -> list:
+        """Sample `num` images of a prompt with the given token files (`generate`'s path)."""
+        import warnings
+
+        from .generate import generate_with_embeddings
+
+        prompt = (prompt or "").strip()
+        if not prompt:
+            raise OnewordError("the prompt is empty; write one that uses your token")
+        if not 1 <= int(num) <= TRY_MAX_IMAGES or not 1 <= int(steps) <= TRY_MAX_STEPS:
+            raise OnewordError(
+                f"images must be 1..{TRY_MAX_IMAGES} and steps 1..{TRY_MAX_STEPS}, got "
+                f"{num} and {steps}"
+            )
+        with self.pool.slot() as model, warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # a prompt without the token is fine
+            return generate_with_embeddings(
+                model,
+                list(embeddings),
+                [prompt],
+                num_per_prompt=int(num),
+                steps=int(steps),
+                guidance=float(guidance),
+                seed=int(seed),
+            )
+
+
+# ---------------------------------------------------------------------------------------
+# The page
+
+
+def describe_event(event: dict) -> tuple[str, str]:
+    """(stage key, one progress line) for an event of `Service.learn`."""
+    stage = event["stage"]
+    if stage == "images":
+        return stage, f"Images: {event['count']} uploaded, checking and fitting them"
+    if stage == "model":
+        waiting = "waiting for a free model (queue)" if event["waiting"] else "ready"
+        return stage, f"Model: {waiting}"
+    if stage == "encoder":
+        return stage, f"Encoder: prediction in {event['seconds']:.2f} s"
+    if stage in ("refine", "fallback", "classic"):
+        name = {
+            "refine": "Refinement",
+            "fallback": "Fallback (full inversion)",
+            "classic": "Classic inversion",
+        }[stage]
+        loss = "" if event.get("loss") is None else f", loss {event['loss']:.4f}"
+        return stage, f"{name}: step {event['step']}/{event['total']}{loss}"
+    if stage == "check":
+        sign = "<=" if event["passed"] else ">"
+        verdict = "passed" if event["passed"] else "failed"
+        then = ", falling back to full inversion" if event["fallback"] else ""
+        return (
+            f"check-{event['after']}",
+            f"Check ({event['check']}, after {event['after']}): score {event['score']:.3f} "
+            f"{sign} threshold {event['threshold']:g}, {verdict}{then}",
+        )
+    if stage == "files":
+        return stage, "Files: writing the diffusers, AUTOMATIC1111 and kohya layouts"
+    if stage == "scenes":
+        return stage, f"New scenes: sampling {event['prompts']} prompts x 4 seeds"
+    if stage == "done":
+        return stage, "Done."
+    return stage, str(event)
+
+
+class ProgressLog:
+    """Progress lines, one per stage, the latest value of each (a step counter updates)."""
+
+    def __init__(self):
+        self.lines: dict[str, str] = {}
+
+    def add(self, event: dict) -> None:
+        key, line = describe_event(event)
+        self.lines[key] = line
+
+    def text(self) -> str:
+        return "\n".join(self.lines.values())
+
+
+LIMITS = (
+    f"Limits: 1-{MAX_IMAGES} images (PNG, JPEG, WebP, ...), {MAX_FILE_MB} MB and "
+    f"{64_000_000 // 1_000_000} megapixels per image; steps 1-{MAX_STEPS}."
+)
+
+
+def build_app(service: Service):
+    """The Gradio page over `service` (not launched)."""
+    import gradio as gr
+
+    from .datasets import world
+
+    model = service.pool.model
+    has_encoder = service.encoder is not None
+    concepts = [identity.name for identity in world.HELD_OUT]
+    path_choices = [(label, key) for key, label in PATHS.items()]
+    if not has_encoder:
+        path_choices = [(PATHS["classic"], "classic")]
+
+    def session_of(request: gr.Request | None) -> str:
+        return getattr(request, "session_hash", None) or "local"
+
+    def pick_concept(name):
+        if not name:
+            return gr.skip(), gr.skip(), gr.skip(), None, "Pick a concept first."
+        identity = next(i for i in world.HELD_OUT if i.name == name)
+        paths = [str(p) for p in service.concept_images(name)]
+        return (
+            paths,
+            f"<{name}>",
+            identity.class_word(),
+            name,
+            f"World concept {name}: {len(paths)} images (class word {identity.class_word()!r}).",
+        )
+
+    def learn(files, token, class_word, path, steps, refine_steps, concept, request: gr.Request):
+        session = session_of(request)
+        images = [getattr(f, "name", f) for f in (files or [])]
+        job = LearnRequest(
+            images=images,
+            token=token,
+            class_word=class_word,
+            path=path,
+            steps=int(steps or 0),
+            refine_steps=int(refine_steps or 0),
+            concept=concept if concept and images and "world-concepts" in images[0] else None,
+        )
+        flag = service.cancel_flag(session)
+        events: queue.Queue = queue.Queue()
+        box: dict = {}
+
+        def work():
+            try:
+                box["out"] = service.learn(job, session, progress=events.put, cancel=flag)
+                log.info("session %s: learned %s in %s", session, job.token, box["out"].folder)
+            except Cancelled as error:
+                box["error"] = error
+                log.info("session %s: job cancelled, nothing written", session)
+            except BaseException as error:  # reported in the page, never a dead worker
+                box["error"] = error
+                if not isinstance(error, OnewordError):
+                    log.exception("session %s: job failed", session, exc_info=error)
+            finally:
+                events.put(None)
+
+        worker = threading.Thread(target=work, name=f"learn-{session}", daemon=True)
+        worker.start()
+        progress, keep = ProgressLog(), gr.skip()
+        try:
+            finished = False
+            while not finished:
+                try:  # drain what arrived, then show it (a step may take milliseconds)
+                    event = events.get(timeout=0.3)
+                    while event is not None:
+                        progress.add(event)
+                        event = events.get_nowait()
+                    finished = True
+                except queue.Empty:
+                    pass
+                yield (progress.text(), keep, keep, keep, keep, keep, keep, keep, keep, keep)
+        finally:
+            # The generator is closed when the tab goes away: stop the worker too.
+            if worker.is_alive():
+                flag.set()
+                log.info("session %s: page gone, cancelling its job", session)
+        worker.join()
+        error = box.get("error")
+        if isinstance(error, Cancelled):
+            yield (f"{progress.text()}\nStopped: nothing was written.",) + (keep,) * 9
+            return
+        if error is not None:
+            message = str(error) if isinstance(error, OnewordError) else repr(error)
+            text = f"Error: {message}\nNothing was written; the page is ready for another try."
+            yield (text,) + (keep,) * 9
+            return
+        out: LearnOutput = box["out"]
+        files_out = out.files
+        yield (
+            f"{progress.text()}\n{out.why}",
+            f"**{out.why}**  \n`{out.summary}`",
+            [str(p) for p in out.images],
+            str(files_out["grid"]),
+            gr.DownloadButton(
+                f"diffusers: {files_out['diffusers'].name}", str(files_out["diffusers"])
+            ),
+            gr.DownloadButton(f"AUTOMATIC1111: {files_out['a1111'].name}", str(files_out["a1111"])),
+            gr.DownloadButton(f"kohya: {files_out['kohya'].name}", str(files_out["kohya"])),
+            out.metadata,
+            str(files_out["diffusers"]),
+            f"a photo of {out.token}",
+        )
+
+    def stop(request: gr.Request):
+        log.info("session %s: stop (Stop pressed or page closed)", session_of(request))
+        service.cancel(session_of(request))
+
+    def try_it(prompt, learned, uploaded, seed, steps, guidance, num):
+        embeddings = [p for p in (learned, getattr(uploaded, "name", uploaded)) if p]
+        try:
+            images = service.try_it(
+                prompt,
+                embeddings,
+                seed=int(seed),
+                steps=int(steps),
+                guidance=guidance,
+                num=int(num),
+            )
+        except OnewordError as error:
+            return gr.skip(), f"Error: {error}"
+        tokens = ", ".join(Path(p).name for p in embeddings) or "no token file"
+        return images, f"{len(images)} images of {prompt!r} with {tokens}, seed {int(seed)}"
+
+    # Gradio finds the request parameter by its type; this module's annotations are strings.
+    for handler in (learn, stop):
+        handler.__annotations__["request"] = gr.Request
+
+    encoder_line = (
+        f"concept encoder `{service.encoder_path}`" if has_encoder else "no concept encoder"
+    )
+    with gr.Blocks(title="oneword") as app:
+        gr.Markdown(
+            "# oneword: a new word from a few images\n"
+            f"Model: `{model.source}` ({model.family}, {model.resolution} px), {encoder_line}. "
+            f"{service.concurrency} job(s) at a time; more wait in a queue. {LIMITS}"
+        )
+        concept_state = gr.State(None)
+        learned_state = gr.State(None)
+        with gr.Row():
+            with gr.Column(scale=1):
+                gr.Markdown("## Learn")
+                files = gr.File(
+                    label=f"Images of the concept (1-{MAX_IMAGES}, drag and drop)",
+                    file_count="multiple",
+                    elem_id="images",
+                )
+                with gr.Row():
+                    concept = gr.Dropdown(
+                        concepts,
+                        value=concepts[0],
+                        label="or a held-out concept of the built-in world",
+                        elem_id="concept",
+                        scale=3,
+                    )
+                    use_concept = gr.Button("Use it", elem_id="use-concept", scale=1)
+                with gr.Row():
+                    token = gr.Textbox(label="Token name", value="<my-concept>", elem_id="token")
+                    class_word = gr.Textbox(
+                        label="Class word", value="object", elem_id="class-word"
+                    )
+                path = gr.Radio(
+                    path_choices,
+                    value="auto" if has_encoder else "classic",
+                    label="Path",
+                    elem_id="path",
+                )
+                with gr.Row():
+                    steps = gr.Number(
+                        DEFAULT_STEPS,
+                        label=f"Classic / fallback steps (1-{MAX_STEPS})",
+                        precision=0,
+                        elem_id="steps",
+                    )
+                    refine_steps = gr.Number(
+                        service.encode_config.refine_steps,
+                        label="Refinement steps",
+                        precision=0,
+                        elem_id="refine-steps",
+                        visible=has_encoder,
+                    )
+                with gr.Row():
+                    learn_button = gr.Button("Learn the token", variant="primary", elem_id="learn")
+                    stop_button = gr.Button("Stop", elem_id="stop")
+                status = gr.Textbox(label="Progress", lines=8, interactive=False, elem_id="status")
+            with gr.Column(scale=2):
+                gr.Markdown("## Result")
+                why = gr.Markdown(elem_id="why")
+                with gr.Row():
+                    training = gr.Gallery(
+                        label="Training images", columns=2, height=320, elem_id="training"
+                    )
+                    grid = gr.Image(label="New scenes", type="filepath", elem_id="grid")
+                with gr.Row():
+                    download_diffusers = gr.DownloadButton(
+                        "diffusers", elem_id="download-diffusers"
+                    )
+                    download_a1111 = gr.DownloadButton("AUTOMATIC1111", elem_id="download-a1111")
+                    download_kohya = gr.DownloadButton("kohya", elem_id="download-kohya")
+                metadata = gr.JSON(label="Metadata", elem_id="metadata")
+                gr.Markdown("## Try it")
+                with gr.Row():
+                    prompt = gr.Textbox(label="Prompt", scale=3, elem_id="prompt")
+                    token_file = gr.File(
+                        label="Token file (optional, any layout)", scale=1, elem_id="token-file"
+                    )
+                with gr.Row():
+                    seed = gr.Number(0, label="Seed", precision=0, elem_id="seed")
+                    try_steps = gr.Slider(1, TRY_MAX_STEPS, 30, step=1, label="Steps")
+                    guidance = gr.Slider(1.0, 12.0, 5.0, step=0.5, label="Guidance")
+                    num = gr.Slider(1, TRY_MAX_IMAGES, 4, step=1, label="Images")
+                try_button = gr.Button("Generate", elem_id="generate")
+                try_status = gr.Markdown(elem_id="try-status")
+                gallery = gr.Gallery(label="Images", columns=4, height=260, elem_id="gallery")
+
+        use_concept.click(
+            pick_concept, [concept], [files, token, class_word, concept_state, status]
+        )
+        files.upload(lambda: None, None, [concept_state])
+        learn_event = learn_button.click(
+            lambda: "Queued: waiting for a free model.", None, [status], queue=False
+        ).then(
+            learn,
+            [files, token, class_word, path, steps, refine_steps, concept_state],
+            [
+                status,
+                why,
+                training,
+                grid,
+                download_diffusers,
+                download_a1111,
+                download_kohya,
+                metadata,
+                learned_state,
+                prompt,
+            ],
+            concurrency_id="model",
+            concurrency_limit=service.concurrency,
+        )
+        stop_button.click(stop, None, None, cancels=[learn_event], queue=False)
+        try_button.click(
+            try_it,
+            [prompt, learned_state, token_file, seed, try_steps, guidance, num],
+            [gallery, try_status],
+            concurrency_id="model",
+            concurrency_limit=service.concurrency,
+        )
+        # A closed or reloaded tab: stop its job at the next step (queued ones are dropped
+        # by Gradio's queue itself).
+        app.unload(stop)
+    return app
+
+
+def serve(
+    model: str,
+    *,
+    encoder: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    out: str | Path = "runs/serve",
+    concurrency: int = 1,
+    device: str | None = None,
+) -> None:
+    """Load the model, build the page and serve it until interrupted (blocking)."""
+    service = Service(model, encoder=encoder, out=out, concurrency=concurrency, device=device)
+    app = build_app(service)
+    service.out.mkdir(parents=True, exist_ok=True)
+    app.queue(default_concurrency_limit=concurrency, max_size=64)
+    print(f"oneword serve: http://{host}:{port} (model {model}, out {service.out})", flush=True)
+    app.launch(
+        server_name=host,
+        server_port=port,
+        max_file_size=f"{MAX_FILE_MB}mb",
+        allowed_paths=[str(service.out)],
+        show_error=True,
+        quiet=True,
+        share=False,
+    )
+
+
+__all__ = [
+    "MAX_FILE_MB",
+    "MAX_IMAGES",
+    "PATHS",
+    "Cancelled",
+    "LearnOutput",
+    "LearnRequest",
+    "ModelPool",
+    "Service",
+    "build_app",
+    "check_request",
+    "scene_prompts",
+    "serve",
+    "trigger_word",
+]
