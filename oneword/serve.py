@@ -883,6 +883,10 @@ def serve(
     device: str | None = None,
 ) -> None:
     """Load the model, build the page and serve it until interrupted (blocking)."""
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise OnewordError("the web page needs Gradio: pip install 'oneword[serve]'") from None
     service = Service(model, encoder=encoder, out=out, concurrency=concurrency, device=device)
     app = build_app(service)
     service.out.mkdir(parents=True, exist_ok=True)
