@@ -299,7 +299,7 @@ class Service:
         encode_config=None,
         sample_steps: int = 30,
     ):
-        from .encode import EncodeConfig
+        from .encoder.encode import EncodeConfig
 
         if not isinstance(concurrency, int) or not 1 <= concurrency <= 16:
             raise OnewordError(f"--concurrency must be an integer in 1..16, got {concurrency!r}")
@@ -442,7 +442,7 @@ class Service:
                 shutil.rmtree(tmp / "checkpoints", ignore_errors=True)  # nothing to resume here
                 summary = f"{token}: classic inversion, {result.log['steps_done']} steps"
             else:
-                from .encode import encode
+                from .encoder.encode import encode
 
                 settings = dict(seed=request.seed, samples=False, quiet=True)
                 if request.path == "encoder":

@@ -15,9 +15,9 @@ examples:
 
 def run_serve(args: argparse.Namespace) -> int:
     """`oneword serve ...`: serve the page until Ctrl-C."""
-    from .encode import DEFAULT_ENCODER
-    from .models import DEFAULT_MODEL
-    from .serve import serve
+    from ..encoder.encode import DEFAULT_ENCODER
+    from ..models import DEFAULT_MODEL
+    from ..serve import serve
 
     # One line per job (learned, failed, cancelled) on stderr, beside Gradio's own.
     logging.basicConfig(format="oneword serve: %(message)s")
@@ -41,7 +41,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     """Register `oneword serve` on an argparse subparsers object."""
-    from .models import add_model_argument
+    from ..models import add_model_argument
 
     parser = subparsers.add_parser(
         "serve",

@@ -1,7 +1,7 @@
 """`oneword serve` without a browser: the progress hooks of `invert` and `encode` it uses, the
 page's limits, one job end to end (files, reset between jobs, cancel), Try it, the parser.
 
-The browser tests are in tests/test_serve_browser.py."""
+The browser tests are in tests/serve/test_serve_browser.py."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from oneword.serve import (
     trigger_word,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_invert_reports_every_step_and_a_raising_callback_stops_it(tiny_sd1_dir,
 
 @pytest.mark.slow
 def test_encode_reports_every_stage(tiny_world_dir, images):
-    from oneword.encode import encode
+    from oneword.encoder.encode import encode
     from oneword.encoder.features import load_tower
     from oneword.encoder.model import ConceptEncoder, EncoderConfig
     from oneword.models import load_model
@@ -240,13 +240,13 @@ def test_serve_parser_defaults_to_localhost():
 
     args = build_parser().parse_args(["serve", "--model", "m", "--port", "8000"])
     assert (args.host, args.port, args.model, args.concurrency) == ("127.0.0.1", 8000, "m", 1)
-    assert args.func.__module__ == "oneword.cli_serve"
+    assert args.func.__module__ == "oneword.cli.serve"
 
 
 def test_no_library_module_imports_the_page():
-    allowed = {"cli.py", "cli_serve.py", "serve.py"}
-    for path in (ROOT / "oneword").rglob("*.py"):
-        if path.name in allowed and path.parent.name == "oneword":
+    package = ROOT / "oneword"
+    for path in package.rglob("*.py"):
+        if path == package / "serve.py" or path.parent == package / "cli":
             continue
         text = path.read_text()
         assert not re.search(r"(from|import) [.\w]*serve\b|import gradio", text), path

@@ -1,6 +1,6 @@
 """Drive `oneword serve` in headless Chromium (Playwright): start the server, fill the page.
 
-Shared by tests/test_serve_browser.py and benchmarks/serve_screenshot.py (the screenshot in
+Shared by tests/serve/test_serve_browser.py and benchmarks/serve_screenshot.py (the screenshot in
 docs/img/serve.png is taken by this code). Every request goes to 127.0.0.1, in bounded
 loops; every server started here is stopped by `running_server`'s exit.
 """
@@ -20,7 +20,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM_PATHS = ("chromium", "chromium-browser", "/usr/bin/chromium")
 
 
