@@ -389,7 +389,7 @@ class Service:
             OnewordError: bad input (nothing written) or `Cancelled`.
         """
         from .embeddings import export_embedding
-        from .io import atomic_dir
+        from .io import atomic_dir, atomic_write_text
 
         cancel = cancel or threading.Event()
 
@@ -490,6 +490,7 @@ class Service:
             )
             files["grid"] = save_grid(samples, tmp / "scenes.png", columns=4, labels=prompts)
             log_data = json.loads((tmp / "log.json").read_text())
+            score = log_data.get("score")
             why = _why(request.path, log_data, self.encoder is not None)
             metadata = {
                 "token": token,
@@ -501,13 +502,19 @@ class Service:
                 "steps": log_data["steps_done"],
                 "seconds": round(time.perf_counter() - started, 1),
                 "check": log_data.get("check"),
-                "check score": log_data.get("score"),
+                "check score": None if score is None else round(score, 4),
                 "threshold": log_data.get("threshold"),
                 "images": len(images),
             }
-            files["metadata"] = tmp / "log.json"
+            # log.json names the files where they will be once the folder is in place.
+            folder = session_dir / trigger
+            log_data["files"] = {
+                name: str(folder / path.relative_to(tmp)) for name, path in files.items()
+            }
+            files["metadata"] = atomic_write_text(
+                tmp / "log.json", json.dumps(log_data, indent=2) + "\n"
+            )
             report({"stage": "done"})  # a cancel up to here leaves nothing behind
-        folder = session_dir / trigger
         return LearnOutput(
             folder=folder,
             token=token,
@@ -656,7 +663,7 @@ def build_app(service: Service):
             path=path,
             steps=int(steps or 0),
             refine_steps=int(refine_steps or 0),
-            concept=concept if concept and images and "world-concepts" in images[0] else None,
+            concept=concept or None,  # cleared when the user uploads or clears images
         )
         flag = service.cancel_flag(session)
         events: queue.Queue = queue.Queue()
@@ -714,10 +721,12 @@ def build_app(service: Service):
             [str(p) for p in out.images],
             str(files_out["grid"]),
             gr.DownloadButton(
-                f"diffusers: {files_out['diffusers'].name}", str(files_out["diffusers"])
+                f"diffusers ({files_out['diffusers'].name})", str(files_out["diffusers"])
             ),
-            gr.DownloadButton(f"AUTOMATIC1111: {files_out['a1111'].name}", str(files_out["a1111"])),
-            gr.DownloadButton(f"kohya: {files_out['kohya'].name}", str(files_out["kohya"])),
+            gr.DownloadButton(
+                f"AUTOMATIC1111 ({files_out['a1111'].name})", str(files_out["a1111"])
+            ),
+            gr.DownloadButton(f"kohya ({files_out['kohya'].name})", str(files_out["kohya"])),
             out.metadata,
             str(files_out["diffusers"]),
             f"a photo of {out.token}",
@@ -741,7 +750,7 @@ def build_app(service: Service):
         except OnewordError as error:
             return gr.skip(), f"Error: {error}"
         tokens = ", ".join(Path(p).name for p in embeddings) or "no token file"
-        return images, f"{len(images)} images of {prompt!r} with {tokens}, seed {int(seed)}"
+        return images, f"{len(images)} images of `{prompt}` with {tokens}, seed {int(seed)}"
 
     # Gradio finds the request parameter by its type; this module's annotations are strings.
     for handler in (learn, stop):
@@ -809,9 +818,16 @@ def build_app(service: Service):
                 why = gr.Markdown(elem_id="why")
                 with gr.Row():
                     training = gr.Gallery(
-                        label="Training images", columns=2, height=320, elem_id="training"
+                        label="Training images", columns=2, height=480, elem_id="training"
                     )
-                    grid = gr.Image(label="New scenes", type="filepath", elem_id="grid")
+                    # The grid labels its own rows with their prompts.
+                    grid = gr.Image(
+                        label="New scenes",
+                        show_label=False,
+                        type="filepath",
+                        height=480,
+                        elem_id="grid",
+                    )
                 with gr.Row():
                     download_diffusers = gr.DownloadButton(
                         "diffusers", elem_id="download-diffusers"
@@ -838,6 +854,7 @@ def build_app(service: Service):
             pick_concept, [concept], [files, token, class_word, concept_state, status]
         )
         files.upload(lambda: None, None, [concept_state])
+        files.clear(lambda: None, None, [concept_state])
         learn_event = learn_button.click(
             lambda: "Queued: waiting for a free model.", None, [status], queue=False
         ).then(

@@ -198,12 +198,13 @@ def wait_status(page, pattern: str, timeout: float = 60.0) -> str:
     raise AssertionError(f"progress box never matched {pattern!r}; it says:\n{status(page)}")
 
 
-def learn(page, images, token: str, *, class_word="object", path="classic inversion", steps=3):
-    """Fill the Learn form and press the button (does not wait)."""
+def learn(page, images, token: str, *, class_word=None, path="classic inversion", steps=3):
+    """Fill the Learn form and press the button (does not wait for the result)."""
     if images:
         upload(page, images)
     fill(page, "token", token)
-    fill(page, "class-word", class_word)
+    if class_word is not None:
+        fill(page, "class-word", class_word)
     choose_path(page, path)
     fill(page, "steps", steps)
     start(page)

@@ -10,6 +10,7 @@ With ONEWORD_SCREENSHOT=PATH the first test saves a screenshot of the page after
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -170,8 +171,14 @@ def test_bad_input_is_reported_in_the_page_and_nothing_is_written(
 
 def test_two_users_are_queued_each_in_their_own_folder(browser, server, images):
     pages = [open_page(browser, server.url) for _ in range(2)]
-    for page, token in zip(pages, ("<user-a>", "<user-b>")):
-        learn(page, images, token, steps=3)
+    learn(pages[0], images, "<user-a>", steps=3)
+    # The second user picks a held-out world concept with one click instead of uploading.
+    pages[1].locator("#use-concept").click()
+    pages[1].locator("#images td.filename").nth(4).wait_for(timeout=30_000)
+    assert (
+        pages[1].locator("#class-word textarea, #class-word input").first.input_value() == "circle"
+    )
+    learn(pages[1], [], "<user-b>", steps=3)
     for page in pages:
         assert "Path taken" in wait_status(page, r"Error|Path taken", timeout=120)
     folders = _token_folders(server.out)
@@ -179,6 +186,10 @@ def test_two_users_are_queued_each_in_their_own_folder(browser, server, images):
     for name in ("user-a", "user-b"):
         assert (folders[name] / "learned_embeds.safetensors").is_file()
         assert (folders[name] / f"{name}.pt").is_file()
+    assert len(list((folders["user-b"] / "images").glob("*.png"))) == 5  # the concept's five
+    log_b = json.loads((folders["user-b"] / "log.json").read_text())
+    assert log_b["class_word"] == "circle"
+    assert log_b["files"]["a1111"] == str(folders["user-b"] / "user-b.pt")
     for page in pages:
         page.context.close()
 
