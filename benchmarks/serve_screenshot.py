@@ -31,6 +31,7 @@ from serve_page import (  # noqa: E402
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # Relative to the repository (the server runs there), as the page then shows them.
     parser.add_argument("--model", default="checkpoints/world")
     parser.add_argument("--encoder", default="checkpoints/world-encoder.safetensors")
     parser.add_argument("--concept", default="red-circle-concentric", help="held-out world concept")
@@ -41,9 +42,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as work:
         with (
-            running_server(
-                ROOT / args.model, Path(work) / "out", encoder=ROOT / args.encoder
-            ) as server,
+            running_server(args.model, Path(work) / "out", encoder=args.encoder) as server,
             chromium() as browser,
         ):
             page = open_page(browser, server.url, viewport=(1400, 900))

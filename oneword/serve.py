@@ -909,6 +909,12 @@ def serve(
     service.out.mkdir(parents=True, exist_ok=True)
     app.queue(default_concurrency_limit=concurrency, max_size=64)
     print(f"oneword serve: http://{host}:{port} (model {model}, out {service.out})", flush=True)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning(
+            "listening on %s: the page has no login; anyone who can reach it can use it and "
+            "download what it wrote",
+            host,
+        )
     app.launch(
         server_name=host,
         server_port=port,

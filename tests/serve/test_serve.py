@@ -204,6 +204,22 @@ def test_a_cancelled_job_leaves_nothing_and_the_model_is_free_again(service, ima
     assert service.learn(request, "carol").folder.is_dir()
 
 
+def test_the_pool_lends_each_copy_to_one_job_at_a_time(tiny_sd1_dir):
+    from oneword.serve import ModelPool
+    from oneword.tokens import add_placeholder
+
+    pool = ModelPool(str(tiny_sd1_dir), size=2, device="cpu")
+    with pool.slot() as first, pool.slot() as second:
+        assert first is not second
+        add_placeholder(first, "<only-here>", "a")
+        assert "<only-here>" not in second.tokenizers[0].get_vocab()
+    with pool.slot() as again, pool.slot():
+        assert "<only-here>" not in again.tokenizers[0].get_vocab()  # reset on borrow
+        assert again.text_encoders[0].get_input_embeddings().weight.shape[0] == len(
+            again.tokenizers[0]
+        )
+
+
 def test_encoder_paths_need_an_encoder(service, images):
     request = LearnRequest(images=[str(p) for p in images], token="<enc>", path="auto")
     with pytest.raises(OnewordError, match="no concept encoder for its model"):
