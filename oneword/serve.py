@@ -855,7 +855,7 @@ def build_app(service: Service):
         )
         files.upload(lambda: None, None, [concept_state])
         files.clear(lambda: None, None, [concept_state])
-        learn_event = learn_button.click(
+        learn_button.click(
             lambda: "Queued: waiting for a free model.", None, [status], queue=False
         ).then(
             learn,
@@ -875,7 +875,9 @@ def build_app(service: Service):
             concurrency_id="model",
             concurrency_limit=service.concurrency,
         )
-        stop_button.click(stop, None, None, cancels=[learn_event], queue=False)
+        # Stop sets the job's cancel flag (no `cancels=`): the job ends at its next step and
+        # the page still gets its last message, "Stopped: nothing was written".
+        stop_button.click(stop, None, None, queue=False)
         try_button.click(
             try_it,
             [prompt, learned_state, token_file, seed, try_steps, guidance, num],

@@ -194,9 +194,15 @@ def test_two_users_are_queued_each_in_their_own_folder(browser, server, images):
         page.context.close()
 
 
-def test_a_closed_tab_stops_its_job(browser, server, images):
+def test_stop_and_a_closed_tab_end_the_job(browser, server, images):
     page = open_page(browser, server.url)
-    learn(page, images, "<left>", steps=5000)  # minutes of work if nothing stopped it
+    learn(page, images, "<stopped>", steps=5000)  # minutes of work if nothing stopped it
+    wait_status(page, r"Classic inversion: step \d+/5000", timeout=60)
+    page.locator("#stop").click()
+    assert "Stopped: nothing was written." in wait_status(page, r"Stopped|Path taken", 30)
+    assert "stopped" not in _token_folders(server.out)
+
+    learn(page, [], "<left>", steps=5000)  # the same images, still in the upload box
     wait_status(page, r"Classic inversion: step \d+/5000", timeout=60)
     page.context.close()
     assert server.wait_for_output(r"job cancelled, nothing written", timeout=30), server.output
