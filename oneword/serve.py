@@ -328,6 +328,7 @@ class Service:
             )
         self.encoder_path = encoder_path
         self._cancel: dict[str, threading.Event] = {}
+        self._running: set[tuple[Path, str]] = set()
         self._lock = threading.Lock()
 
     # -- cancel flags, one per browser session --------------------------------------------
@@ -388,9 +389,6 @@ class Service:
         Raises:
             OnewordError: bad input (nothing written) or `Cancelled`.
         """
-        from .embeddings import export_embedding
-        from .io import atomic_dir, atomic_write_text
-
         cancel = cancel or threading.Event()
 
         def report(event: dict) -> None:
@@ -411,10 +409,24 @@ class Service:
             )
         if not isinstance(request.steps, int) or not 1 <= request.steps <= MAX_STEPS:
             raise OnewordError(f"steps must be a whole number in 1..{MAX_STEPS}")
-        class_word = (request.class_word or "").strip() or "object"
         report({"stage": "images", "count": len(request.images)})
         images = load_request_images(request.images, self.pool.model.resolution)
         trigger = trigger_word(token)
+        with self._lock:  # the same token twice at once in one session (a double click)
+            if (session_dir, trigger) in self._running:
+                raise OnewordError(f"{token!r} is being learned already; wait for it")
+            self._running.add((session_dir, trigger))
+        try:
+            return self._learn(request, token, trigger, images, session_dir, report, started)
+        finally:
+            with self._lock:
+                self._running.discard((session_dir, trigger))
+
+    def _learn(self, request, token, trigger, images, session_dir, report, started) -> LearnOutput:
+        from .embeddings import export_embedding
+        from .io import atomic_dir, atomic_write_text
+
+        class_word = (request.class_word or "").strip() or "object"
         report({"stage": "model", "waiting": True})
         with self.pool.slot() as model, atomic_dir(session_dir / trigger) as tmp:
             report({"stage": "model", "waiting": False})
@@ -759,7 +771,8 @@ def build_app(service: Service):
     encoder_line = (
         f"concept encoder `{service.encoder_path}`" if has_encoder else "no concept encoder"
     )
-    with gr.Blocks(title="oneword") as app:
+    # Uploads and results are copied into Gradio's cache: clear files older than a day, hourly.
+    with gr.Blocks(title="oneword", delete_cache=(3600, 24 * 3600)) as app:
         gr.Markdown(
             "# oneword: a new word from a few images\n"
             f"Model: `{model.source}` ({model.family}, {model.resolution} px), {encoder_line}. "
