@@ -56,8 +56,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     add(
         "--encoder",
         default=None,
-        help="concept encoder for the model (default: the world's encoder with the default "
-        "model, else none: classic inversion only)",
+        help="concept encoder for the model, or 'none' (default: the world's encoder with the "
+        "default model, else none: classic inversion only)",
     )
     add(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
