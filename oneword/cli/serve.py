@@ -41,7 +41,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     """Register `oneword serve` on an argparse subparsers object."""
-    from ..models import add_model_argument
+    from .common import add_model_argument
 
     parser = subparsers.add_parser(
         "serve",

@@ -296,7 +296,7 @@ class Service:
             )
         self.pool = ModelPool(model, size=concurrency, device=device)
         if encoder_path is not None:
-            from ..encoder.features import load_tower
+            from ..clip import load_tower
             from ..encoder.model import check_compatible, load_encoder
 
             first = self.pool.model
@@ -333,8 +333,8 @@ class Service:
 
     def concept_images(self, name: str) -> list[Path]:
         """The images of a held-out world concept (5 scenes, rendered once, shared)."""
+        from ..cli.demo import write_concept_images
         from ..datasets import world
-        from ..demo import write_concept_images
         from ..io import atomic_dir
 
         if name not in {identity.name for identity in world.HELD_OUT}:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import small_encoder_config
 from PIL import Image
 
 from oneword.datasets.world import HELD_OUT, concept_scenes, render, training_identities
@@ -42,24 +43,8 @@ def world_model(tiny_world_dir):
     return load_model(tiny_world_dir, device="cpu")
 
 
-@pytest.fixture(scope="module")
-def world_tower(tiny_world_dir):
-    return load_tower("world", model_folder=tiny_world_dir)
-
-
 def _config(image_tower, model, **overrides) -> EncoderConfig:
-    settings = dict(
-        tower=image_tower.spec,
-        pooled_dim=image_tower.pooled_dim,
-        token_dim=image_tower.token_dim,
-        family=model.family,
-        widths=tuple(model.widths),
-        num_vectors=2,
-        dim=32,
-        queries=2,
-        heads=2,
-    )
-    return EncoderConfig(**(settings | overrides))
+    return small_encoder_config(image_tower, model, **({"num_vectors": 2} | overrides))
 
 
 def _shake(encoder: ConceptEncoder, seed: int = 0) -> ConceptEncoder:
@@ -218,7 +203,7 @@ def test_bounded_rows_stay_near_the_class_word():
 
 
 def test_gradient_reaches_the_head_through_the_placeholder_path(world_tower, world_model):
-    from oneword.inversion.objective import encode_prompts
+    from oneword.prompts import encode_prompts
     from oneword.tokens import add_placeholder, expand_prompt, get_rows, set_rows
 
     model = world_model

@@ -11,12 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import root_script
 
 ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("train_encoder", ROOT / "train_encoder.py")
-train_encoder = importlib.util.module_from_spec(spec)
-sys.modules["train_encoder"] = train_encoder  # dataclasses look their module up there
-spec.loader.exec_module(train_encoder)
+train_encoder = root_script("train_encoder")  # the root script, imported by name
 
 
 def _records(out: Path, event: str) -> list[dict]:

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> list[Path]:
+    from oneword.cli.demo import write_concept_images
     from oneword.datasets.world import HELD_OUT
-    from oneword.demo import write_concept_images
 
     return write_concept_images(HELD_OUT[0], tmp_path_factory.mktemp("images"), count=3)
 
