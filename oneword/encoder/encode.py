@@ -423,8 +423,9 @@ def encode(
         progress: called with a dict at every stage, for a progress display:
             {"stage": "encoder", "seconds"}; {"stage": "refine" or "fallback", "step",
             "total", "loss"} after every step (`invert`'s events, renamed); {"stage":
-            "check", "after": "encoder"/"refined"/"fallback", "check", "score",
-            "threshold", "passed", "fallback"}; {"stage": "samples"} before samples.png.
+            "checking", "after", "check"} when a check starts and {"stage": "check",
+            "after": "encoder"/"refined"/"fallback", "check", "score", "threshold",
+            "passed", "fallback"} when it is done; {"stage": "samples"} before samples.png.
             An exception it raises (a user's cancel) ends the run; nothing is written.
         **settings: `EncodeConfig` fields overriding `config` (refine_steps=0,
             fallback=False, threshold=..., ...); None keeps the config's value.
@@ -505,6 +506,7 @@ def encode(
     score, checker, fallback = None, None, None
     if config.check != "none":
         tic = time.perf_counter()
+        report({"stage": "checking", "after": path_taken, "check": config.check})
         if config.check == "loss":
             checker = LossCheck(model, prepared, class_word, config)
         else:
@@ -556,6 +558,7 @@ def encode(
             path_taken, fallback = "fallback", _run_facts(full)
             timings["fallback"] = time.perf_counter() - tic
             tic = time.perf_counter()
+            report({"stage": "checking", "after": "fallback", "check": config.check})
             score = scores["fallback"] = checker.score(placeholder)
             timings["check"] += time.perf_counter() - tic
             report(

@@ -46,6 +46,12 @@ def describe_event(event: dict) -> tuple[str, str]:
         }[stage]
         loss = "" if event.get("loss") is None else f", loss {event['loss']:.4f}"
         return stage, f"{name}: step {event['step']}/{event['total']}{loss}"
+    if stage == "checking":  # replaced by the result line (same key) when it is done
+        return (
+            f"check-{event['after']}",
+            f"Check ({event['check']}, after {event['after']}): scoring the token against the "
+            "class word ...",
+        )
     if stage == "check":
         sign = "<=" if event["passed"] else ">"
         verdict = "passed" if event["passed"] else "failed"

@@ -22,6 +22,7 @@ from oneword.serve import (
     describe_event,
     trigger_word,
 )
+from oneword.serve.page import ProgressLog
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -93,7 +94,10 @@ def test_encode_reports_every_stage(tiny_world_dir, images):
                     refine_steps=2, fallback_steps=2, check="loss", check_draws=4, threshold=0.5,
                     samples=False, quiet=True, progress=events.append)  # fmt: skip
     stages = [e["stage"] for e in events]
-    assert stages == ["encoder", "refine", "refine", "check", "fallback", "fallback", "check"]
+    assert stages == [
+        "encoder", "refine", "refine", "checking", "check", "fallback", "fallback", "checking",
+        "check",
+    ]  # fmt: skip
     first_check, last_check = (e for e in events if e["stage"] == "check")
     assert first_check["after"] == "refined" and first_check["fallback"] is True
     assert first_check["passed"] is False and first_check["threshold"] == 0.5
@@ -102,8 +106,12 @@ def test_encode_reports_every_stage(tiny_world_dir, images):
     assert result.path_taken == "fallback"
     lines = [describe_event(e)[1] for e in events]
     assert re.match(r"Check \(loss, after refined\): score \d\.\d{3} > threshold 0.5, failed, "
-                    r"falling back to full inversion", lines[3])  # fmt: skip
-    assert lines[5].startswith("Fallback (full inversion): step 2/2, loss ")
+                    r"falling back to full inversion", lines[4])  # fmt: skip
+    assert lines[6].startswith("Fallback (full inversion): step 2/2, loss ")
+    progress = ProgressLog()
+    for event in events:
+        progress.add(event)
+    assert "scoring the token" not in progress.text()  # each check line ends with its result
 
 
 # ---------------------------------------------------------------------------------------
