@@ -152,8 +152,8 @@ def build_app(service: Service):
         worker = threading.Thread(target=work, name=f"learn-{session}", daemon=True)
         worker.start()
         progress, keep = ProgressLog(), gr.skip()
+        finished = False
         try:
-            finished = False
             while not finished:
                 try:  # drain what arrived, then show it (a step may take milliseconds)
                     event = events.get(timeout=0.3)
@@ -165,8 +165,8 @@ def build_app(service: Service):
                     pass
                 yield (progress.text(), keep, keep, keep, keep, keep, keep, keep, keep, keep)
         finally:
-            # The generator is closed when the tab goes away: stop the worker too.
-            if worker.is_alive():
+            # Closed before the job ended (the tab went away): stop the worker too.
+            if not finished:
                 flag.set()
                 log.info("session %s: page gone, cancelling its job", session)
         worker.join()
