@@ -293,6 +293,7 @@ def test_cli_end_to_end_reports_the_path_score_and_threshold(
 # oneword eval
 
 
+@pytest.mark.slow
 def test_eval_runs_the_encoder_methods(tiny_world_dir, tiny_encoder, tmp_path, capsys):
     from oneword.datasets.suite import write_world_suite
     from oneword.evaluation.harness import parse_methods
@@ -364,6 +365,7 @@ def test_refine_settings_in_the_method_argument_reach_encode(monkeypatch):
 # oneword demo: encoder path, classic path, and a missing encoder
 
 
+@pytest.mark.slow
 def test_demo_uses_the_encoder_when_given(tiny_world_dir, tiny_encoder, tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--model", str(tiny_world_dir), "--encoder", str(tiny_encoder)]
@@ -376,6 +378,7 @@ def test_demo_uses_the_encoder_when_given(tiny_world_dir, tiny_encoder, tmp_path
     assert (out / "demo.png").is_file() and (out / "token" / "learned_embeds.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_demo_classic_and_missing_encoder(tiny_world_dir, tiny_encoder, tmp_path, capsys):
     out = tmp_path / "classic"
     argv = ["demo", "--model", str(tiny_world_dir), "--steps", "2", "--quiet"]

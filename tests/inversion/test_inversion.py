@@ -224,6 +224,7 @@ def test_resume_with_other_settings_is_an_error(tiny_sd1_dir, tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_through_the_cli(tiny_sd1_dir, tmp_path):
     images = tmp_path / "images"
     images.mkdir()

@@ -71,6 +71,7 @@ def test_tiny_run_writes_the_encoder_checkpoints_log_and_grid(tiny_world_dir, tm
     assert end["step"] == 4 and end["images_per_s"] > 0 and end["loader_images_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_resume_continues_the_step_count_and_the_data_stream(tiny_world_dir, tmp_path):
     from oneword.encoder.model import load_encoder
 
@@ -182,6 +183,7 @@ def test_two_processes_read_disjoint_shards_and_end_with_identical_weights(
     assert (out / "encoder.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_sdxl_model_with_a_transformers_tower_and_a_given_val_suite(tiny_sdxl_dir, tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
