@@ -6,6 +6,7 @@ these tests check the plumbing and the decisions, not the encoder's quality."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from pathlib import Path
@@ -134,6 +135,36 @@ def test_a_failed_check_falls_back_to_full_inversion(
     torch.testing.assert_close(get_rows(model, result.placeholder)[0], result.vectors[0])
     assert result.placeholder.token == "<c>"
     assert "> threshold 0" in result.summary() and "path: fallback" in result.summary()
+
+
+def test_the_concept_is_prepared_once_for_refine_check_and_fallback(
+    model, world_tower, concept_images, monkeypatch
+):
+    # Refinement, loss check and fallback all read the images: fitted and VAE-encoded once
+    # (3 images and their mirrors: one VAE call), where each stage used to encode its own.
+    calls = []
+    real_encode = model.vae.encode
+    monkeypatch.setattr(model.vae, "encode", lambda x: calls.append(len(x)) or real_encode(x))
+    fitted = []
+    invert_module = importlib.import_module("oneword.inversion.invert")  # not the function
+    real_fit = invert_module.fit_images
+    monkeypatch.setattr(
+        invert_module, "fit_images", lambda *a, **k: fitted.append(1) or real_fit(*a, **k)
+    )
+    result = encode(
+        model,
+        _untrained(world_tower, model),
+        concept_images,
+        "<c>",
+        class_word="circle",
+        tower=world_tower,
+        refine_steps=1,
+        threshold=0.0,  # forces the fallback
+        fallback_steps=1,
+        **FAST,
+    )
+    assert result.path_taken == "fallback" and set(result.log["scores"]) == {"refined", "fallback"}
+    assert calls == [6] and fitted == [1]
 
 
 def test_an_untrained_encoder_scores_exactly_the_class_word(model, world_tower, concept_images):
