@@ -63,6 +63,29 @@ def tiny_world_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_clip_vision_dir(tmp_path_factory) -> Path:
+    """A tiny random transformers CLIP vision tower folder (width 32, 2 layers, 32 px,
+    8-px patches: 17 tokens, projection 24), as `transformers:FOLDER` towers load."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    folder = tmp_path_factory.mktemp("clip") / "tower"
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        config = CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+            projection_dim=24,
+        )
+        CLIPVisionModelWithProjection(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def world_tower(tiny_world_dir):
     """The tiny world's own CLIP image tower (the encoder's "world" tower), frozen."""
     from oneword.clip import load_tower

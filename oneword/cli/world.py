@@ -8,7 +8,7 @@ is not part of the library); it needs a source checkout, where the script sits b
 from __future__ import annotations
 
 import argparse
-import importlib
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -28,19 +28,30 @@ EPILOG = (
 
 
 def load_train_script(path: Path | None = None):
-    """The root script train_world.py as a module, or None when it is not there.
-
-    Its folder goes on sys.path and it is imported by name, so the stage processes of
-    `--jobs` (spawned) find it the same way."""
+    """The root script train_world.py as the module `train_world`, or None when it is not
+    there (a wheel install). Registered in sys.modules under that name, as dataclasses and
+    pickling look a module up there."""
     path = Path(path or TRAIN_SCRIPT)
     if not path.is_file():
         return None
     loaded = sys.modules.get("train_world")
     if loaded is not None and Path(getattr(loaded, "__file__", "")).resolve() == path.resolve():
         return loaded
-    if str(path.parent) not in sys.path:
-        sys.path.insert(0, str(path.parent))
-    return importlib.import_module("train_world")
+    spec = importlib.util.spec_from_file_location("train_world", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_world"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_train(args) -> int:
+    script = sys.modules["train_world"]
+    # `--jobs` spawns one process per stage, which imports the script by name: its folder
+    # goes on sys.path (last, so it shadows nothing) only when training runs.
+    folder = str(Path(script.__file__).resolve().parent)
+    if folder not in sys.path:
+        sys.path.append(folder)
+    return script.run(args)
 
 
 def _no_train_script(args) -> int:
@@ -67,7 +78,7 @@ def add_world_parser(subparsers) -> None:
         train.set_defaults(func=_no_train_script, accepts_any=True)  # say why, whatever the flags
     else:
         script.add_train_arguments(train)
-        train.set_defaults(func=script.run)
+        train.set_defaults(func=_run_train)
     suite = sub.add_parser(
         "suite", help="write the held-out concepts as a concept suite (for oneword eval)"
     )

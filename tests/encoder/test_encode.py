@@ -6,6 +6,7 @@ these tests check the plumbing and the decisions, not the encoder's quality."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from pathlib import Path
@@ -134,6 +135,36 @@ def test_a_failed_check_falls_back_to_full_inversion(
     torch.testing.assert_close(get_rows(model, result.placeholder)[0], result.vectors[0])
     assert result.placeholder.token == "<c>"
     assert "> threshold 0" in result.summary() and "path: fallback" in result.summary()
+
+
+def test_the_concept_is_prepared_once_for_refine_check_and_fallback(
+    model, world_tower, concept_images, monkeypatch
+):
+    # Refinement, loss check and fallback all read the images: fitted and VAE-encoded once
+    # (3 images and their mirrors: one VAE call), where each stage used to encode its own.
+    calls = []
+    real_encode = model.vae.encode
+    monkeypatch.setattr(model.vae, "encode", lambda x: calls.append(len(x)) or real_encode(x))
+    fitted = []
+    invert_module = importlib.import_module("oneword.inversion.invert")  # not the function
+    real_fit = invert_module.fit_images
+    monkeypatch.setattr(
+        invert_module, "fit_images", lambda *a, **k: fitted.append(1) or real_fit(*a, **k)
+    )
+    result = encode(
+        model,
+        _untrained(world_tower, model),
+        concept_images,
+        "<c>",
+        class_word="circle",
+        tower=world_tower,
+        refine_steps=1,
+        threshold=0.0,  # forces the fallback
+        fallback_steps=1,
+        **FAST,
+    )
+    assert result.path_taken == "fallback" and set(result.log["scores"]) == {"refined", "fallback"}
+    assert calls == [6] and fitted == [1]
 
 
 def test_an_untrained_encoder_scores_exactly_the_class_word(model, world_tower, concept_images):
@@ -293,6 +324,7 @@ def test_cli_end_to_end_reports_the_path_score_and_threshold(
 # oneword eval
 
 
+@pytest.mark.slow
 def test_eval_runs_the_encoder_methods(tiny_world_dir, tiny_encoder, tmp_path, capsys):
     from oneword.datasets.suite import write_world_suite
     from oneword.evaluation.harness import parse_methods
@@ -364,6 +396,7 @@ def test_refine_settings_in_the_method_argument_reach_encode(monkeypatch):
 # oneword demo: encoder path, classic path, and a missing encoder
 
 
+@pytest.mark.slow
 def test_demo_uses_the_encoder_when_given(tiny_world_dir, tiny_encoder, tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--model", str(tiny_world_dir), "--encoder", str(tiny_encoder)]
@@ -376,6 +409,7 @@ def test_demo_uses_the_encoder_when_given(tiny_world_dir, tiny_encoder, tmp_path
     assert (out / "demo.png").is_file() and (out / "token" / "learned_embeds.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_demo_classic_and_missing_encoder(tiny_world_dir, tiny_encoder, tmp_path, capsys):
     out = tmp_path / "classic"
     argv = ["demo", "--model", str(tiny_world_dir), "--steps", "2", "--quiet"]

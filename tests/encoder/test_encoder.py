@@ -127,28 +127,14 @@ def test_forward_shapes_sd1_and_start_at_the_class_word(world_tower, world_model
         torch.testing.assert_close(out.rows[0], class_rows[0], rtol=0, atol=0)
 
 
-def test_forward_shapes_sdxl_two_widths(tiny_sdxl_dir, tmp_path):
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
+def test_forward_shapes_sdxl_two_widths(tiny_sdxl_dir, tiny_clip_vision_dir, tmp_path):
     from oneword.embeddings import load_embedding, save_embedding
     from oneword.models import load_model
     from oneword.tokens import add_placeholder, get_rows
 
     torch.manual_seed(0)
-    vision = CLIPVisionModelWithProjection(
-        CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-            projection_dim=24,
-        )
-    )
-    vision.save_pretrained(tmp_path / "tower")
     model = load_model(tiny_sdxl_dir, device="cpu")
-    tower = load_tower(f"transformers:{tmp_path / 'tower'}")
+    tower = load_tower(f"transformers:{tiny_clip_vision_dir}")
     assert (tower.pooled_dim, tower.token_dim, tower.num_tokens) == (24, 32, 17)
     assert model.family == "sdxl" and len(model.widths) == 2
     encoder = _shake(ConceptEncoder(_config(tower, model)))

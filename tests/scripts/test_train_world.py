@@ -269,6 +269,7 @@ def test_object_crops_hold_the_object_on_the_latent_grid():
         object_crops(pixels, scenes, 30, 8, torch.Generator())
 
 
+@pytest.mark.slow
 def test_sixteen_channel_latents_train_and_sample(tmp_path):
     """--vae-latent-channels reaches the VAE, the UNet and the samplers (SD3's VAEs have 16)."""
     from diffusers import StableDiffusionPipeline
@@ -286,6 +287,7 @@ def test_sixteen_channel_latents_train_and_sample(tmp_path):
     assert image.shape == (1, 64, 64, 3)
 
 
+@pytest.mark.slow
 def test_stages_side_by_side_wait_for_what_they_read(tmp_path):
     """--jobs 2: CLIP and VAE run at once, the oracle after the VAE, alone with 2 threads."""
     cfg = replace(
