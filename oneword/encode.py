@@ -621,7 +621,12 @@ the fallback runs.
 def run_encode(args: argparse.Namespace) -> int:
     """`oneword encode ...`."""
     from .encoder.model import load_encoder
+    from .images import set_limits
+    from .io import prepare_out_dir
     from .models import load_model
+
+    owned = prepare_out_dir(args.out)  # noqa: F841 (first, and held for the run's life)
+    set_limits(args.max_pixels, args.min_side)
 
     settings = {
         "refine_steps": args.refine_steps,
@@ -666,6 +671,7 @@ def run_encode(args: argparse.Namespace) -> int:
 
 def add_encode_parser(subparsers) -> argparse.ArgumentParser:
     """Register `oneword encode` on an argparse subparsers object."""
+    from .images import add_limit_arguments
     from .models import add_model_argument
 
     defaults = EncodeConfig()
@@ -743,6 +749,7 @@ def add_encode_parser(subparsers) -> argparse.ArgumentParser:
     )
     add("--quiet", action="store_const", const=True, help="no progress bars")
     add("--out", required=True, type=Path, help="output folder")
+    add_limit_arguments(parser)
     parser.set_defaults(func=run_encode)
     return parser
 

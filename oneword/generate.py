@@ -151,6 +151,10 @@ def generate_with_embeddings(
     if isinstance(model, (str, os.PathLike)):
         model = load_model(model, device=device)
     placeholders = load_embeddings(model, embeddings)
+    from .tokens import check_prompt_fits
+
+    for prompt in [*prompts, *([negative_prompt] if negative_prompt else [])]:
+        check_prompt_fits(model, prompt, placeholders)
     tokens = [p.token for p in placeholders]
     for prompt in prompts:
         if not any(token in prompt for token in tokens):
@@ -179,9 +183,15 @@ def generate_with_embeddings(
 def run_generate(args: argparse.Namespace) -> int:
     """`oneword generate ...`: write the grid and say where it is."""
     from .images import save_grid
+    from .io import check_out_dir
     from .models import load_model
 
-    # Fail on a missing embedding file before the (slow) model load.
+    # Fail on a bad --out or a missing embedding file before the (slow) model load.
+    if Path(args.out).is_dir():
+        raise OnewordError(
+            f"--out {args.out} is a folder; pass the PNG file to write, e.g. grid.png"
+        )
+    check_out_dir(Path(args.out).parent, what=f"--out {args.out}: its folder")
     embeddings = [parse_embedding_arg(value) for value in args.embedding]
     model = load_model(args.model, device=args.device)
     images = generate_with_embeddings(

@@ -59,6 +59,36 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
+# The limits `open_image` uses when none is passed; commands set them from --max-pixels and
+# --min-side (`set_limits`), so every image a command reads obeys the same flags.
+_limits: dict[str, int] = {"max_pixels": MAX_PIXELS, "min_side": MIN_SIDE}
+
+
+def set_limits(max_pixels: int | None = None, min_side: int | None = None) -> None:
+    """Set the limits every later `open_image` call uses by default (None: the built-in
+    `MAX_PIXELS` / `MIN_SIDE`). Called by commands with their --max-pixels / --min-side."""
+    for name, value, default in (
+        ("max_pixels", max_pixels, MAX_PIXELS),
+        ("min_side", min_side, MIN_SIDE),
+    ):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            flag = "--" + name.replace("_", "-")
+            raise ImageError(f"{flag} must be a positive integer, got {value!r}")
+        _limits[name] = default if value is None else value
+
+
+def add_limit_arguments(parser) -> None:
+    """--max-pixels and --min-side on a command that reads images (see `set_limits`)."""
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        help=f"largest image accepted, width x height (default {MAX_PIXELS:,})",
+    )
+    parser.add_argument(
+        "--min-side", type=int, help=f"smallest image side accepted (default {MIN_SIDE})"
+    )
+
+
 class ImageSkipWarning(UserWarning):
     """An unreadable image was skipped by `load_images(..., skip_bad=True)`."""
 
@@ -189,8 +219,8 @@ def open_image(
     path: str | Path,
     *,
     background: Sequence[int] = (255, 255, 255),
-    max_pixels: int = MAX_PIXELS,
-    min_side: int = MIN_SIDE,
+    max_pixels: int | None = None,
+    min_side: int | None = None,
 ) -> Image.Image:
     """Open one image file as RGB, fully decoded and upright.
 
@@ -200,8 +230,9 @@ def open_image(
     Args:
         path: the image file.
         background: RGB (0..255) placed behind transparent pixels.
-        max_pixels: largest width * height accepted, checked before decoding pixels.
-        min_side: smallest width or height accepted, in pixels.
+        max_pixels: largest width * height accepted, checked before decoding pixels
+            (None: the command's --max-pixels, default `MAX_PIXELS`).
+        min_side: smallest width or height accepted, in pixels (None: --min-side, `MIN_SIDE`).
 
     Returns:
         An RGB image, independent of the file (which is closed).
@@ -211,6 +242,8 @@ def open_image(
             pixels, or a side below `min_side`.
     """
     background_rgb = _check_background(background)
+    max_pixels = _limits["max_pixels"] if max_pixels is None else max_pixels
+    min_side = _limits["min_side"] if min_side is None else min_side
     path = Path(os.path.expanduser(os.fspath(path)))
     if not path.exists():
         raise ImageError(f"{path} does not exist")
@@ -225,13 +258,14 @@ def open_image(
                 if width * height > max_pixels:
                     raise ImageError(
                         f"{path} is {width}x{height} = {width * height:,} pixels, more than "
-                        f"max_pixels={max_pixels:,}; downscale it first (or raise max_pixels "
-                        "if you trust the file)"
+                        f"the limit of {max_pixels:,}; downscale it first (or, if you trust "
+                        "the file, raise the limit: --max-pixels, or max_pixels= in Python)"
                     )
                 if min(width, height) < min_side:
                     raise ImageError(
                         f"{path} is {width}x{height} pixels, below the minimum side of "
-                        f"{min_side}; use a larger image (or lower min_side)"
+                        f"{min_side}; use a larger image (or lower the limit: --min-side, or "
+                        "min_side= in Python)"
                     )
                 # Decode every pixel now, so a truncated file fails here and not later
                 # inside a training step.
@@ -311,8 +345,8 @@ def load_images(
     mode: str = "crop",
     skip_bad: bool = False,
     background: Sequence[int] = (255, 255, 255),
-    max_pixels: int = MAX_PIXELS,
-    min_side: int = MIN_SIDE,
+    max_pixels: int | None = None,
+    min_side: int | None = None,
 ) -> list[Image.Image]:
     """Find, open and fit images: `find_images` + `open_image` + `fit_image`.
 

@@ -875,7 +875,10 @@ examples:
 
 def run_eval(args: argparse.Namespace) -> int:
     """`oneword eval ...`: evaluate and print the table."""
+    from ..io import prepare_out_dir
     from .report import format_table
+
+    owned = prepare_out_dir(args.out)  # noqa: F841 (first, and held for the run's life)
 
     config = EvalConfig(
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),

@@ -45,6 +45,7 @@ _CONFIG_FLAGS = {
 
 def add_invert_parser(subparsers) -> argparse.ArgumentParser:
     """Register `oneword invert` on an argparse subparsers object."""
+    from ..images import add_limit_arguments
     from ..models import add_model_argument
 
     defaults = InversionConfig()
@@ -107,6 +108,7 @@ def add_invert_parser(subparsers) -> argparse.ArgumentParser:
     )
     add("--chunk", type=int, default=8, help="with --concepts: concepts per UNet batch (default 8)")
     add("--quiet", action="store_const", const=True, help="no progress bar")
+    add_limit_arguments(parser)
     parser.set_defaults(func=run_invert, class_word_cue=None)
     return parser
 
@@ -220,13 +222,19 @@ def _shard_and_device(device):
 
 def run_invert(args: argparse.Namespace) -> int:
     """`oneword invert ...`."""
+    from ..images import set_limits
+    from ..io import prepare_out_dir
     from ..models import load_model
-    from .invert import invert, invert_many
+    from .invert import check_out_not_in_images, invert, invert_many
 
     config = resolve_config(args)
+    set_limits(args.max_pixels, args.min_side)
     if args.concepts is None and (not args.token or not args.init):
         raise OnewordError('--images needs --token (e.g. "<my-cup>") and --init (e.g. cup)')
     shard, device = _shard_and_device(args.device)
+    # Before the model loads: a bad --out or one another run owns fails in a second.
+    check_out_not_in_images(args.out, args.images or [args.concepts])
+    owned = prepare_out_dir(args.out, rank=shard[0])  # noqa: F841 (held for the run's life)
     model = load_model(args.model, device=device, precision=config.precision)
     if args.concepts is not None:
         specs = load_concepts(args.concepts, init_text=args.init)
