@@ -258,8 +258,8 @@ def open_image(
                 if width * height > max_pixels:
                     raise ImageError(
                         f"{path} is {width}x{height} = {width * height:,} pixels, more than "
-                        f"the limit of {max_pixels:,}; downscale it first (or, if you trust "
-                        "the file, raise the limit: --max-pixels, or max_pixels= in Python)"
+                        f"max_pixels={max_pixels:,}; downscale it first (or, if you trust the "
+                        "file, raise the limit: --max-pixels, or max_pixels= in Python)"
                     )
                 if min(width, height) < min_side:
                     raise ImageError(

@@ -157,13 +157,14 @@ def _first_existing(path: Path) -> Path:
 
 
 def check_out_dir(path: str | os.PathLike, *, what: str = "--out") -> Path:
-    """Check that `path` can be (or is) a writable folder, and create it.
+    """Check that `path` is, or can be created as, a writable folder (it is not created: a
+    command refused later for another reason leaves no empty folder behind).
 
     Refuses, with one line naming `what` and the path: a path that is a file, a path under
     a file, a folder that cannot be created or written. Called before any model loads.
 
     Returns:
-        The folder, absolute and existing.
+        The folder, absolute.
     """
     from .errors import OnewordError
 
@@ -180,19 +181,13 @@ def check_out_dir(path: str | os.PathLike, *, what: str = "--out") -> Path:
         raise OnewordError(
             f"{what} {path}: {existing} is not writable (permission denied); choose another path"
         )
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OnewordError(
-            f"{what} {path}: cannot create the folder ({error.strerror or error})"
-        ) from None
     return folder
 
 
 def prepare_out_dir(
     path: str | os.PathLike, *, what: str = "--out", lock: bool = True, rank: int = 0
 ) -> OutDirLock | None:
-    """Check and create an output folder, then own it: the one entry point every command
+    """Check an output folder (the run creates it), then own it: the one entry point every command
     that writes a folder calls first, before any model loads.
 
     Args:
@@ -225,9 +220,10 @@ def prepare_out_dir(
         f".{folder.name}{LOCK_SUFFIX}" if rank == 0 else f".{folder.name}.rank{rank}{LOCK_SUFFIX}"
     )
     lock_file = folder.parent / name
-    if not os.access(folder.parent, os.W_OK):
-        lock_file = folder / name
+    if folder.is_dir() and not os.access(folder.parent, os.W_OK):
+        lock_file = folder / name  # a writable folder in a read-only parent
     try:
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
         descriptor = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as error:
         raise OnewordError(
