@@ -119,12 +119,8 @@ class OutDirLock:
     """
 
     def __init__(self, folder: Path, lock_file: Path, descriptor: int, key: str = ""):
-        self.folder, self.lock_file, self._descriptor, self._key = (
-            folder,
-            lock_file,
-            descriptor,
-            key,
-        )
+        self.folder, self.lock_file = folder, lock_file
+        self._descriptor, self._key = descriptor, key
 
     def release(self) -> None:
         if self._descriptor is not None:
@@ -166,9 +162,8 @@ def check_out_dir(path: str | os.PathLike, *, what: str = "--out") -> Path:
     Returns:
         The folder, absolute.
     """
-    from .errors import OnewordError
-
-    folder = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+    # realpath: two spellings of one folder (a symlink, "..") share one lock.
+    folder = Path(os.path.realpath(os.path.expanduser(os.fspath(path))))
     if folder.exists() and not folder.is_dir():
         raise OnewordError(f"{what} {path}: is a file, not a folder; choose a folder path")
     existing = _first_existing(folder)

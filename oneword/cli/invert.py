@@ -14,7 +14,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from ..errors import OnewordError
-from .invert import ConceptSpec, InversionConfig
+from ..inversion.invert import ConceptSpec, InversionConfig
 
 EXAMPLES = """\
 examples:
@@ -223,9 +223,9 @@ def _shard_and_device(device):
 def run_invert(args: argparse.Namespace) -> int:
     """`oneword invert ...`."""
     from ..images import set_limits
+    from ..inversion.invert import check_out_not_in_images, invert, invert_many
     from ..io import prepare_out_dir
     from ..models import load_model
-    from .invert import check_out_not_in_images, invert, invert_many
 
     config = resolve_config(args)
     set_limits(args.max_pixels, args.min_side)
@@ -264,7 +264,7 @@ def run_invert(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    """`python -m oneword.inversion.cli invert ...` (same as `oneword invert ...`)."""
+    """`python -m oneword.cli.invert invert ...` (same as `oneword invert ...`)."""
     parser = argparse.ArgumentParser(prog="oneword")
     add_invert_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
