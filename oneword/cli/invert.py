@@ -233,7 +233,10 @@ def run_invert(args: argparse.Namespace) -> int:
         raise OnewordError('--images needs --token (e.g. "<my-cup>") and --init (e.g. cup)')
     shard, device = _shard_and_device(args.device)
     # Before the model loads: a bad --out or one another run owns fails in a second.
-    check_out_not_in_images(args.out, args.images or [args.concepts])
+    if args.concepts is not None:
+        check_out_not_in_images(args.out, [args.concepts], nested=True)
+    else:
+        check_out_not_in_images(args.out, args.images)
     owned = prepare_out_dir(args.out, rank=shard[0])  # noqa: F841 (held for the run's life)
     model = load_model(args.model, device=device, precision=config.precision)
     if args.concepts is not None:

@@ -796,10 +796,12 @@ def _warm_rows(warm_start, config: InversionConfig, model, templates, class_word
     return vectors, source
 
 
-def check_out_not_in_images(out: Path, images) -> None:
-    """Refuse an output folder that is (or is inside) an images folder or the folder a glob
-    searches: the samples grid written there would become a training image of the next
-    (resumed) run, and a run folder inside a --concepts folder would become a concept."""
+def check_out_not_in_images(out: Path, images, *, nested: bool = False) -> None:
+    """Refuse an output folder whose files a later run would read as its input: the images
+    folder itself (the samples grid would become a training image of a resumed run), a
+    folder a glob reaches (it or any folder under it), and with `nested` (a --concepts
+    folder, whose sub-folders are concepts) any folder inside. A sub-folder of a plain
+    images folder is allowed: folders are listed without recursion."""
     if isinstance(images, (str, os.PathLike)):
         images = [images]
     if not isinstance(images, (list, tuple)):
@@ -809,16 +811,17 @@ def check_out_not_in_images(out: Path, images) -> None:
         if not isinstance(item, (str, os.PathLike)):
             continue
         text = os.path.expanduser(os.fspath(item))
-        folder = Path(text)
+        folder, inside_counts = Path(text), nested
         if any(c in text for c in "*?[") and not folder.exists():
-            folder = Path(glob_root(text))
+            folder, inside_counts = Path(glob_root(text)), True
         elif not folder.is_dir():
             continue  # a named file: nothing written beside it is picked up
         folder = Path(os.path.realpath(folder))
-        if target == folder or folder in target.parents:
+        if target == folder or (inside_counts and folder in target.parents):
             raise OnewordError(
                 f"--out {out} is inside the images folder {item}: the samples grid and "
-                "checkpoints written there would become training images; choose another --out"
+                "checkpoints written there would become training images (or concepts) of "
+                "the next run; choose another --out"
             )
 
 

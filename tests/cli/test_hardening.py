@@ -118,6 +118,7 @@ def test_1_out_that_cannot_be_a_folder_fails_before_the_model_loads(tmp_path, ca
 # --- 2. two runs on one --out ---------------------------------------------------------------
 
 
+@pytest.mark.slow  # a second process and its model load: ~6 s
 def test_2_a_second_run_on_the_same_out_is_refused(tiny_sd1_dir, tmp_path, capsys):
     images = _images(tmp_path / "images")
     out = tmp_path / "run"
@@ -226,10 +227,19 @@ def test_5_resume_refuses_other_images_templates_and_out_in_the_images(
     assert main(argv) == 0  # the same run resumes
     assert json.loads((out / "log.json").read_text())["steps_done"] == 2 != log_before
     capsys.readouterr()
-    for inside in (images, images / "run"):
-        assert main(_invert_args(tiny_sd1_dir, images, inside)) == 2
+    # --out equal to the images folder, inside a glob's folder, inside a --concepts folder.
+    concepts = tmp_path / "concepts"
+    _images(concepts / "cup")
+    for argv in (
+        _invert_args(tiny_sd1_dir, images, images),
+        _invert_args(tiny_sd1_dir, f"{images}/*.png", images / "run"),
+        ["invert", "--model", str(tiny_sd1_dir), "--concepts", str(concepts), "--init", "cup",
+         "--out", str(concepts / "run")],
+    ):  # fmt: skip
+        assert main(argv) == 2
         assert "inside the images folder" in _error_line(capsys)
     assert sorted(p.name for p in images.iterdir()) == ["0.png", "1.png", "2.png"]
+    assert sorted(p.name for p in concepts.iterdir()) == ["cup"]
 
 
 # --- 6. non-finite rows in a checkpoint or a warm start -------------------------------------
