@@ -274,10 +274,10 @@ def check_prompts(model, token: str, config: InversionConfig, templates, class_w
     check_vectors_fit(model, config.vectors, texts, what=f"the {name} templates")
 
 
-# Bytes of saved activations per sample and latent element of the UNet's first level (fp32,
-# summed over levels as channels * side^2). Rough: calibrated on one measurement, --batch
-# 1000 on the miniature world (latent 16x16, widths 64/128/128) took about 15 GB on a CPU.
-_ACTIVATION_BYTES = 4 * 140
+# Saved activations per sample, in values per UNet feature-map element (channels * side^2,
+# summed over the UNet's levels). Rough: calibrated on one measurement, --batch 1000 on the
+# miniature world (latent 16x16, widths 64/128/128, fp32) took about 15 GB on a CPU.
+_ACTIVATIONS_PER_ELEMENT = 140
 
 
 def step_memory_estimate(model, batch: int) -> int:
@@ -288,17 +288,23 @@ def step_memory_estimate(model, batch: int) -> int:
         channels * (side // 2**level) ** 2
         for level, channels in enumerate(config.block_out_channels)
     )
-    return int(batch * elements * _ACTIVATION_BYTES)
+    itemsize = torch.empty((), dtype=model.dtype).element_size()  # bf16/fp16: half of fp32
+    return int(batch * elements * _ACTIVATIONS_PER_ELEMENT * itemsize)
 
 
 def available_memory(device) -> int | None:
-    """Free bytes on `device` (GPU: free memory; CPU: available physical memory), or None."""
+    """Free bytes on `device` (GPU: free memory; CPU: MemAvailable, which counts the page
+    cache the kernel can drop, unlike MemFree), or None where unknown."""
     try:
         if torch.device(device).type == "cuda":
             return int(torch.cuda.mem_get_info(torch.device(device))[0])
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
     except (ValueError, OSError, RuntimeError, AttributeError):
         return None
+    return None
 
 
 def check_batch(model, num_images: int, config: InversionConfig, *, name: str) -> None:
