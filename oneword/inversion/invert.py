@@ -275,9 +275,10 @@ def check_prompts(model, token: str, config: InversionConfig, templates, class_w
 
 
 # Saved activations per sample, in values per UNet feature-map element (channels * side^2,
-# summed over the UNet's levels). Rough: calibrated on one measurement, --batch 1000 on the
-# miniature world (latent 16x16, widths 64/128/128, fp32) took about 15 GB on a CPU.
-_ACTIVATIONS_PER_ELEMENT = 140
+# summed over the UNet's levels). Rough: calibrated on the miniature world (latent 16x16,
+# widths 64/128/128, fp32, CPU), where the peak RSS of `oneword invert --steps 1` grew by
+# 1.77 GiB from --batch 8 to --batch 128: 15.4 MiB per sample = 148 * 26,624 * 4 bytes.
+_ACTIVATIONS_PER_ELEMENT = 148
 
 
 def step_memory_estimate(model, batch: int) -> int:
