@@ -11,6 +11,7 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_PIXELS",
     "MIN_SIDE",
+    "ImageLimits",
     "ImageSkipWarning",
     "find_images",
     "fit_image",
@@ -31,6 +33,7 @@ __all__ = [
     "load_images",
     "open_image",
     "save_grid",
+    "set_limits",
     "tensor_to_images",
 ]
 
@@ -59,6 +62,17 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
+@dataclass(frozen=True)
+class ImageLimits:
+    """The limits every image a command reads must meet (`set_limits`); the commands that read
+    images get one flag per field (--max-pixels, --min-side)."""
+
+    # largest image accepted, width x height in pixels (checked before the pixels are decoded)
+    max_pixels: int = MAX_PIXELS
+    # smallest image side accepted, in pixels
+    min_side: int = MIN_SIDE
+
+
 # The limits `open_image` uses when none is passed; commands set them from --max-pixels and
 # --min-side (`set_limits`), so every image a command reads obeys the same flags.
 _limits: dict[str, int] = {"max_pixels": MAX_PIXELS, "min_side": MIN_SIDE}
@@ -75,18 +89,6 @@ def set_limits(max_pixels: int | None = None, min_side: int | None = None) -> No
             flag = "--" + name.replace("_", "-")
             raise ImageError(f"{flag} must be a positive integer, got {value!r}")
         _limits[name] = default if value is None else value
-
-
-def add_limit_arguments(parser) -> None:
-    """--max-pixels and --min-side on a command that reads images (see `set_limits`)."""
-    parser.add_argument(
-        "--max-pixels",
-        type=int,
-        help=f"largest image accepted, width x height (default {MAX_PIXELS:,})",
-    )
-    parser.add_argument(
-        "--min-side", type=int, help=f"smallest image side accepted (default {MIN_SIDE})"
-    )
 
 
 class ImageSkipWarning(UserWarning):
