@@ -64,7 +64,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -88,6 +87,7 @@ from oneword.errors import OnewordError
 from oneword.inversion import checkpoint as ckpt
 from oneword.inversion.objective import denoising_loss
 from oneword.inversion.templates import fill, load_templates
+from oneword.io import prepare_out_dir
 from oneword.models import DEFAULT_MODEL
 from oneword.prompts import encode_prompts
 from oneword.tokens import add_placeholder, expand_prompt, set_rows
@@ -254,6 +254,18 @@ class JsonLog:
                 handle.write(json.dumps(record) + "\n")
 
 
+def logged_step(path: Path) -> int:
+    """The last training step an (interrupted) run logged to `path` (0 if none)."""
+    reached = 0
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict) and record.get("event") == "train":
+                    reached = max(reached, int(record.get("step", 0)))
+    return reached
+
+
 def open_tensorboard(cfg: TrainConfig, out: Path, is_main: bool):
     if not (cfg.tensorboard and is_main):
         return None
@@ -273,22 +285,29 @@ def save_checkpoint(folder: Path, step: int, head, optimizer, state: dict, keep:
     """Atomic, pickle-free: head weights + optimizer tensors (safetensors) + state (JSON)."""
     from safetensors.torch import save_file
 
-    from oneword.io import atomic_dir
+    from oneword import io as oneword_io
 
     tensors = {f"head.{k}": v for k, v in head.state_dict().items()}
     optimizer_tensors, optimizer_state = ckpt.optimizer_tensors(optimizer)
     tensors |= optimizer_tensors
     final = folder / ckpt.checkpoint_name(step)
-    with atomic_dir(final) as tmp:
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-            str(tmp / "state.safetensors"),
-            metadata={"config": json.dumps(state["config"]), "encoder": head.config.to_json()},
-        )
-        (tmp / "state.json").write_text(json.dumps({**state, "optimizer": optimizer_state}))
-        for file in tmp.iterdir():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
+    try:
+        with oneword_io.atomic_dir(final) as tmp:
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                str(tmp / "state.safetensors"),
+                metadata={"config": json.dumps(state["config"]), "encoder": head.config.to_json()},
+            )
+            (tmp / "state.json").write_text(json.dumps({**state, "optimizer": optimizer_state}))
+            for file in tmp.iterdir():
+                oneword_io.fsync_path(file)
+    except OSError as error:  # disk full, ...: one line, and say what is still there
+        kept = [p.name for p in ckpt.list_checkpoints(folder)]
+        reason = error.strerror or str(error)
+        raise OnewordError(
+            f"cannot write checkpoint {final.name} in {folder}: {reason.split(': ', 1)[-1]}; "
+            + (f"the earlier checkpoints are kept ({', '.join(kept)})" if kept else "none written")
+        ) from None
     for old in ckpt.list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -583,6 +602,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         accelerator.num_processes,
         accelerator.is_main_process,
     )
+    # Before the model loads: a bad --out, or one another run owns, fails in a second.
+    owned = prepare_out_dir(out, rank=rank)  # noqa: F841 (held for the run's life)
     checkpoints = out / "checkpoints"
     if not resume and ckpt.list_checkpoints(checkpoints):
         latest = ckpt.list_checkpoints(checkpoints)[-1].name
@@ -697,6 +718,17 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         ckpt.restore_optimizer(optimizer, tensors, state["optimizer"])
         step, stats = state["step"], state["stats"]
         source.load_state_dict(state["data"][rank])
+        if is_main:
+            reached = logged_step(out / "log.jsonl")
+            redo = (
+                f"steps {step + 1}-{reached}, done after it by the interrupted run, are redone"
+                if reached > step
+                else "no finished step is redone"
+            )
+            print(
+                f"train_encoder.py: resuming from {path.name} (step {step}); {redo}",
+                file=sys.stderr,
+            )
     else:  # a fresh run: logs of an earlier, checkpoint-less attempt are replaced
         if is_main:
             (out / "log.jsonl").unlink(missing_ok=True)

@@ -278,6 +278,23 @@ def _sniff(path: Path) -> str:
     )
 
 
+def _looks_like_safetensors(path: Path) -> bool:
+    """Byte 8 is "{": a safetensors header starts there (its length field may be broken)."""
+    with open(path, "rb") as handle:
+        return handle.read(9)[8:9] == b"{"
+
+
+def _broken_safetensors(path: Path) -> EmbeddingFileError:
+    with open(path, "rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+    size = path.stat().st_size
+    return EmbeddingFileError(
+        f"{path} is a broken safetensors file: its header claims {header_len:,} bytes but "
+        f"the file has {size:,} (the limit is {MAX_HEADER_BYTES:,}); it is truncated or "
+        "corrupt: download or export it again"
+    )
+
+
 def _unrelated_keys(path: Path, keys: list[str]) -> EmbeddingFileError:
     keys = sorted(keys)
     shown = ", ".join(repr(k) for k in keys[:6]) + (", ..." if len(keys) > 6 else "")
@@ -456,6 +473,12 @@ def load_embedding(path: str | os.PathLike, *, token: str | None = None) -> Toke
     if not path.exists():
         raise EmbeddingFileError(f"embedding file {path} does not exist")
     kind = _sniff(path)
+    if kind != "safetensors" and _looks_like_safetensors(path):
+        try:
+            obj = _read_pickle(path)
+        except EmbeddingFileError:
+            raise _broken_safetensors(path) from None
+        return _parse(obj, {}, path, token=token)
     if kind == "safetensors":
         tensors, metadata = _read_safetensors(path)
         return _parse(tensors, metadata, path, token=token)
@@ -641,6 +664,7 @@ def load_into_model(model, emb_or_path, *, token: str | None = None):
         emb.metadata.get("init_text", ""),
         emb.num_vectors,
         init_rows=[v.float() for v in emb.vectors],
+        source=_label(emb),
     )
 
 

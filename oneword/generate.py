@@ -144,6 +144,10 @@ def generate_with_embeddings(
     if isinstance(model, (str, os.PathLike)):
         model = load_model(model, device=device)
     placeholders = load_embeddings(model, embeddings)
+    from .tokens import check_prompt_fits
+
+    for prompt in [*prompts, *([negative_prompt] if negative_prompt else [])]:
+        check_prompt_fits(model, prompt, placeholders)
     tokens = [p.token for p in placeholders]
     for prompt in prompts:
         if not any(token in prompt for token in tokens):

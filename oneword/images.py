@@ -11,6 +11,7 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_PIXELS",
     "MIN_SIDE",
+    "ImageLimits",
     "ImageSkipWarning",
     "find_images",
     "fit_image",
@@ -31,6 +33,7 @@ __all__ = [
     "load_images",
     "open_image",
     "save_grid",
+    "set_limits",
     "tensor_to_images",
 ]
 
@@ -57,6 +60,35 @@ FIT_MODES: tuple[str, ...] = ("crop", "pad")
 _GLOB_CHARS = ("*", "?", "[")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """The limits every image a command reads must meet (`set_limits`); the commands that read
+    images get one flag per field (--max-pixels, --min-side)."""
+
+    # largest image accepted, width x height in pixels (checked before the pixels are decoded)
+    max_pixels: int = MAX_PIXELS
+    # smallest image side accepted, in pixels
+    min_side: int = MIN_SIDE
+
+
+# The limits `open_image` uses when none is passed; commands set them from --max-pixels and
+# --min-side (`set_limits`), so every image a command reads obeys the same flags.
+_limits: dict[str, int] = {"max_pixels": MAX_PIXELS, "min_side": MIN_SIDE}
+
+
+def set_limits(max_pixels: int | None = None, min_side: int | None = None) -> None:
+    """Set the limits every later `open_image` call uses by default (None: the built-in
+    `MAX_PIXELS` / `MIN_SIDE`). Called by commands with their --max-pixels / --min-side."""
+    for name, value, default in (
+        ("max_pixels", max_pixels, MAX_PIXELS),
+        ("min_side", min_side, MIN_SIDE),
+    ):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            flag = "--" + name.replace("_", "-")
+            raise ImageError(f"{flag} must be a positive integer, got {value!r}")
+        _limits[name] = default if value is None else value
 
 
 class ImageSkipWarning(UserWarning):
@@ -189,8 +221,8 @@ def open_image(
     path: str | Path,
     *,
     background: Sequence[int] = (255, 255, 255),
-    max_pixels: int = MAX_PIXELS,
-    min_side: int = MIN_SIDE,
+    max_pixels: int | None = None,
+    min_side: int | None = None,
 ) -> Image.Image:
     """Open one image file as RGB, fully decoded and upright.
 
@@ -200,8 +232,9 @@ def open_image(
     Args:
         path: the image file.
         background: RGB (0..255) placed behind transparent pixels.
-        max_pixels: largest width * height accepted, checked before decoding pixels.
-        min_side: smallest width or height accepted, in pixels.
+        max_pixels: largest width * height accepted, checked before decoding pixels
+            (None: the command's --max-pixels, default `MAX_PIXELS`).
+        min_side: smallest width or height accepted, in pixels (None: --min-side, `MIN_SIDE`).
 
     Returns:
         An RGB image, independent of the file (which is closed).
@@ -211,6 +244,8 @@ def open_image(
             pixels, or a side below `min_side`.
     """
     background_rgb = _check_background(background)
+    max_pixels = _limits["max_pixels"] if max_pixels is None else max_pixels
+    min_side = _limits["min_side"] if min_side is None else min_side
     path = Path(os.path.expanduser(os.fspath(path)))
     if not path.exists():
         raise ImageError(f"{path} does not exist")
@@ -225,13 +260,14 @@ def open_image(
                 if width * height > max_pixels:
                     raise ImageError(
                         f"{path} is {width}x{height} = {width * height:,} pixels, more than "
-                        f"max_pixels={max_pixels:,}; downscale it first (or raise max_pixels "
-                        "if you trust the file)"
+                        f"max_pixels={max_pixels:,}; downscale it first (or, if you trust the "
+                        "file, raise the limit: --max-pixels, or max_pixels= in Python)"
                     )
                 if min(width, height) < min_side:
                     raise ImageError(
                         f"{path} is {width}x{height} pixels, below the minimum side of "
-                        f"{min_side}; use a larger image (or lower min_side)"
+                        f"{min_side}; use a larger image (or lower the limit: --min-side, or "
+                        "min_side= in Python)"
                     )
                 # Decode every pixel now, so a truncated file fails here and not later
                 # inside a training step.
@@ -311,8 +347,8 @@ def load_images(
     mode: str = "crop",
     skip_bad: bool = False,
     background: Sequence[int] = (255, 255, 255),
-    max_pixels: int = MAX_PIXELS,
-    min_side: int = MIN_SIDE,
+    max_pixels: int | None = None,
+    min_side: int | None = None,
 ) -> list[Image.Image]:
     """Find, open and fit images: `find_images` + `open_image` + `fit_image`.
 

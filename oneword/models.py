@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, reason
 
 DEFAULT_MODEL = "checkpoints/world"
 
@@ -178,11 +179,15 @@ def load_model(
         if not (folder / sub).is_dir():
             raise ModelLoadError(f"{folder} has no {sub}/ folder, which a {family} model needs")
         try:
-            return loader.from_pretrained(folder, subfolder=sub, local_files_only=True, **kwargs)
+            with warnings.catch_warnings():
+                # torch warns about a pickle protocol before it refuses the pickle; the
+                # error below says what is wrong with the file.
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                return loader.from_pretrained(
+                    folder, subfolder=sub, local_files_only=True, **kwargs
+                )
         except Exception as exc:
-            raise ModelLoadError(
-                f"{folder / sub}: cannot load ({type(exc).__name__}: {exc})"
-            ) from None
+            raise ModelLoadError(f"{folder / sub}: cannot load ({reason(exc)})") from None
 
     tokenizers = [part(CLIPTokenizer, "tokenizer", model_max_length=77)]
     text_encoders = [part(CLIPTextModel, "text_encoder", torch_dtype=dtype)]

@@ -142,6 +142,7 @@ def add_placeholder(
     num_vectors: int = 1,
     *,
     init_rows: Sequence[torch.Tensor] | None = None,
+    source: str | None = None,
 ) -> Placeholder:
     """Add `token` with K vectors to every tokenizer and text encoder of `model`.
 
@@ -150,7 +151,9 @@ def add_placeholder(
         token: the new word; must not exist yet and must tokenize to exactly its new ids.
         init_text: initializer word(s), e.g. the class word.
         num_vectors: K >= 1.
-        init_rows: optional per-encoder (K, d) rows to start from instead (a warm start).
+        init_rows: optional per-encoder (K, d) rows to start from instead (a warm start);
+            refused when non-finite or absurdly long (`check_rows`).
+        source: where `init_rows` came from (a file), for the messages.
 
     Returns:
         The `Placeholder`, with its ids per text encoder.
@@ -184,6 +187,13 @@ def add_placeholder(
                     f"warm-start rows for text encoder {index} have shape {tuple(rows.shape)}, "
                     f"expected ({num_vectors}, {table.embedding_dim})"
                 )
+            check_rows(
+                rows,
+                where=source or "the rows given",
+                token=token,
+                encoder=index,
+                reference_norm=vocabulary_norm(text_encoder),
+            )
         else:
             rows = initial_rows(tokenizer, text_encoder, init_text, num_vectors)
         added = tokenizer.add_tokens(names)
@@ -205,6 +215,162 @@ def add_placeholder(
         ids_per_encoder.append(ids)
         rows_per_encoder.append(rows.clone())
     return Placeholder(token, names, ids_per_encoder, init_text, rows_per_encoder)
+
+
+# Rows longer than this many times the median norm of the model's own vocabulary rows are
+# refused: CLIP's token rows have norms within a factor of ~3 of each other (SD 1.5: median
+# 0.39, max 0.69), and a row 100x longer swamps every other word of the prompt (the images
+# come out black or as noise), so such a row is a broken file or a diverged run.
+NORM_LIMIT = 100.0
+
+
+def vocabulary_norm(text_encoder) -> float:
+    """The median L2 norm of the text encoder's original vocabulary rows (cached)."""
+    table = placeholder_embedding(text_encoder)
+    cached = getattr(table, "_median_norm", None)
+    if cached is None:
+        with torch.no_grad():
+            cached = float(table.base.weight.detach().float().norm(dim=-1).median())
+        table._median_norm = cached
+    return cached
+
+
+def check_rows(
+    rows: torch.Tensor,
+    *,
+    where: str,
+    token: str,
+    encoder: int = 0,
+    reference_norm: float | None = None,
+    error: type[Exception] = TokenError,
+    advice: str = "use another file or retrain the token",
+) -> None:
+    """Refuse rows a model cannot use: non-finite values, or (given the model's median
+    vocabulary norm) a row longer than `NORM_LIMIT` times it.
+
+    Args:
+        rows: (K, d) rows of one token for one text encoder.
+        where: the file or checkpoint they came from (named in the message).
+        token: the token they belong to (named in the message).
+        encoder: the text encoder's index (0-based; named 1-based for SDXL's two).
+        reference_norm: `vocabulary_norm` of that text encoder; None skips the norm rule.
+        error: the exception type to raise.
+        advice: what the user should do, ending the message.
+    """
+    rows = rows.detach()
+    finite = torch.isfinite(rows)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise error(
+            f"{where}: the rows of {token!r} (text encoder {encoder + 1}) hold {bad} NaN/inf "
+            f"value(s), so it is broken (a diverged run or a damaged copy); {advice}"
+        )
+    if reference_norm is not None and reference_norm > 0 and rows.numel():
+        longest = float(rows.float().norm(dim=-1).max())
+        if longest > NORM_LIMIT * reference_norm:
+            raise error(
+                f"{where}: a row of {token!r} (text encoder {encoder + 1}) has norm "
+                f"{longest:.3g}, more than {NORM_LIMIT:g}x the median norm of this model's "
+                f"vocabulary rows ({reference_norm:.3g}), so it would drown the rest of the "
+                f"prompt (black or noise images); {advice}"
+            )
+
+
+def check_token_collisions(names: Sequence[str], texts: Sequence[str], *, what: str) -> None:
+    """Refuse a token that would change how `texts` tokenize.
+
+    Tokenizers split added tokens out of the text before anything else, even inside a word:
+    with the token "phot", "a photo of a {}" becomes "a", "phot", "o", ... and the new word
+    takes over "photo" in every prompt. So no sub-token name may occur inside the texts.
+
+    Args:
+        names: the token's sub-token names (`sub_token_names`).
+        texts: the prompts or templates it will be used in ("{}" marks the token's slot).
+        what: how to name the texts in the message ("template", "prompt").
+    """
+    for text in texts:
+        fixed = text.replace("{}", " ").lower()
+        for name in names:
+            if name.lower() in fixed:
+                word = next((w for w in fixed.split() if name.lower() in w), name)
+                raise TokenError(
+                    f"token {name!r} occurs inside the {what} word {word!r} ({text!r}); the "
+                    f"tokenizer would cut {word!r} around it, so the token would take over "
+                    "that word in every prompt: pick a token such as '<my-concept>'"
+                )
+
+
+def prompt_budget(tokenizer) -> int:
+    """Token positions the text encoder reads for the prompt itself (77 - BOS - EOS = 75)."""
+    return int(tokenizer.model_max_length) - 2
+
+
+def vectors_that_fit(model, texts: Sequence[str]) -> tuple[int, str]:
+    """How many vectors a token can have so that every text still fits the text encoder.
+
+    Args:
+        model: a `LoadedModel` (its tokenizers and their `model_max_length`).
+        texts: templates with one "{}" for the token (the class-word cue already filled in).
+
+    Returns:
+        (the number of vectors that fit in the longest text, that text).
+    """
+    fit, longest = None, ""
+    for tokenizer in model.tokenizers:
+        for text in texts:
+            used = len(tokenizer(text.replace("{}", " "), add_special_tokens=False).input_ids)
+            room = prompt_budget(tokenizer) - used
+            if fit is None or room < fit:
+                fit, longest = room, text
+    return max(fit or 0, 0), longest
+
+
+def check_vectors_fit(model, vectors: int, texts: Sequence[str], *, what: str) -> None:
+    """Refuse K vectors when a template with the token's K sub-tokens would be cut at the
+    text encoder's limit (77 tokens with BOS and EOS): the rows past the cut would never be
+    trained or used, and the end of the prompt would be dropped.
+
+    Args:
+        model: a `LoadedModel`.
+        vectors: K.
+        texts: the templates/prompts, with "{}" for the token.
+        what: where the texts come from, for the message ("the object templates").
+    """
+    fit, longest = vectors_that_fit(model, texts)
+    if vectors > fit:
+        limit = min(int(t.model_max_length) for t in model.tokenizers)
+        raise TokenError(
+            f"--vectors {vectors} does not fit the prompt: {what} leave room for at most {fit} "
+            f"vector(s) in the text encoder's {limit} tokens (longest: {longest!r}); the rest "
+            f"would be cut off and never trained or used; pass --vectors {fit} or fewer"
+        )
+
+
+def check_prompt_fits(model, prompt: str, placeholders: Sequence[Placeholder]) -> None:
+    """Refuse a prompt that the tokens' vectors push past the text encoder's limit (the end
+    of the prompt would be cut off silently), saying how many vectors fit.
+
+    Args:
+        model: a `LoadedModel` with the placeholders added.
+        prompt: the prompt as the user wrote it (tokens not expanded).
+        placeholders: the tokens that may occur in it.
+    """
+    expanded = expand_prompt(prompt, placeholders)
+    used_by_tokens = 0
+    for p in placeholders:
+        occurrences = len(re.findall(rf"(?<!\S){re.escape(p.token)}(?![_\w])", prompt))
+        used_by_tokens += occurrences * p.num_vectors
+    for tokenizer in model.tokenizers:
+        used = len(tokenizer(expanded, add_special_tokens=False).input_ids)
+        budget = prompt_budget(tokenizer)
+        if used > budget:
+            room = max(budget - (used - used_by_tokens), 0)
+            raise TokenError(
+                f"prompt {prompt!r} needs {used} tokens ({used_by_tokens} for the learned "
+                f"tokens' vectors) but the text encoder reads {budget}; the end of the prompt "
+                f"would be cut off: shorten it, or use tokens with at most {room} vector(s) "
+                "in all in this prompt"
+            )
 
 
 def trainable_rows(model) -> list[nn.Parameter]:

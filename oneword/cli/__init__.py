@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from ..errors import OnewordError
+from ..errors import OnewordError, one_line_warnings
 
 EXAMPLES = """\
 examples:
@@ -64,7 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return int(args.func(args) or 0)
+        with one_line_warnings(f"oneword {args.command}"):
+            return int(args.func(args) or 0)
     except OnewordError as exc:
         print(f"oneword {args.command}: error: {exc}", file=sys.stderr)
         return 2

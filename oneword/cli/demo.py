@@ -57,9 +57,11 @@ def run_demo(args) -> int:
     from ..encoder.encode import DEFAULT_ENCODER
     from ..images import load_images, save_grid
     from ..inversion import InversionConfig, invert
+    from ..io import prepare_out_dir
     from ..models import load_model
     from ..sampling import generate
 
+    owned = prepare_out_dir(args.out)  # noqa: F841 (first, and held for the run's life)
     out = Path(args.out)
     timings: dict[str, float] = {}
     start = time.time()

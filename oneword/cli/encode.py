@@ -15,7 +15,7 @@ from ..encoder.encode import (
     encode,
 )
 from ..errors import OnewordError
-from .common import add_model_argument
+from .common import add_image_limit_flags, add_model_argument, apply_image_limits
 from .config import add_config_flags, config_from_flags
 
 EXAMPLES = """\
@@ -37,8 +37,11 @@ the fallback runs.
 def run_encode(args: argparse.Namespace) -> int:
     """`oneword encode ...`."""
     from ..encoder.model import load_encoder
+    from ..io import prepare_out_dir
     from ..models import load_model
 
+    owned = prepare_out_dir(args.out)  # noqa: F841 (first, and held for the run's life)
+    apply_image_limits(args)
     config = config_from_flags(args, EncodeConfig)
     config.check_values()  # bad values fail before anything loads
     encoder_path = Path(args.encoder)
@@ -133,5 +136,6 @@ def add_encode_parser(subparsers) -> argparse.ArgumentParser:
     last = ["precision", "samples", "sample_steps", "quiet"]
     add_config_flags(parser, EncodeConfig, last, overrides=flags)
     add("--out", required=True, type=Path, help="output folder")
+    add_image_limit_flags(parser)
     parser.set_defaults(func=run_encode)
     return parser

@@ -24,7 +24,9 @@ examples:
 def run_eval(args: argparse.Namespace) -> int:
     """`oneword eval ...`: evaluate and print the table."""
     from ..evaluation.report import format_table
+    from ..io import prepare_out_dir
 
+    owned = prepare_out_dir(args.out)  # noqa: F841 (first, and held for the run's life)
     methods = {"methods": lambda text: tuple(m.strip() for m in text.split(",") if m.strip())}
     config = config_from_flags(args, EvalConfig, convert=methods)
     if args.no_check_score:

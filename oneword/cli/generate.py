@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from .. import generate as generate_module
+from ..errors import OnewordError
 from ..generate import generate_with_embeddings, parse_embedding_arg
 from .common import add_model_argument
 
@@ -21,9 +22,15 @@ examples:
 def run_generate(args: argparse.Namespace) -> int:
     """`oneword generate ...`: write the grid and say where it is."""
     from ..images import save_grid
+    from ..io import check_out_dir
     from ..models import load_model
 
-    # Fail on a missing embedding file before the (slow) model load.
+    # Fail on a bad --out or a missing embedding file before the (slow) model load.
+    if Path(args.out).is_dir():
+        raise OnewordError(
+            f"--out {args.out} is a folder; pass the PNG file to write, e.g. grid.png"
+        )
+    check_out_dir(Path(args.out).parent, what=f"--out {args.out}: its folder")
     embeddings = [parse_embedding_arg(value) for value in args.embedding]
     model = load_model(args.model, device=args.device)
     images = generate_with_embeddings(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import OnewordError
 from ..inversion.invert import ConceptSpec, InversionConfig
-from .common import add_model_argument
+from .common import add_image_limit_flags, add_model_argument, apply_image_limits
 from .config import add_config_flags, config_from_flags
 
 EXAMPLES = """\
@@ -106,6 +106,7 @@ def add_invert_parser(subparsers) -> argparse.ArgumentParser:
     config_flags("max_nonfinite", "samples", "sample_steps")
     add("--chunk", type=int, default=8, help="with --concepts: concepts per UNet batch (default 8)")
     config_flags("quiet")
+    add_image_limit_flags(parser)
     parser.set_defaults(func=run_invert, class_word_cue=None)
     return parser
 
@@ -215,13 +216,21 @@ def _shard_and_device(device):
 
 def run_invert(args: argparse.Namespace) -> int:
     """`oneword invert ...`."""
-    from ..inversion.invert import invert, invert_many
+    from ..inversion.invert import check_out_not_in_images, invert, invert_many
+    from ..io import prepare_out_dir
     from ..models import load_model
 
     config = resolve_config(args)
+    apply_image_limits(args)
     if args.concepts is None and (not args.token or not args.init):
         raise OnewordError('--images needs --token (e.g. "<my-cup>") and --init (e.g. cup)')
     shard, device = _shard_and_device(args.device)
+    # Before the model loads: a bad --out or one another run owns fails in a second.
+    if args.concepts is not None:
+        check_out_not_in_images(args.out, [args.concepts], nested=True)
+    else:
+        check_out_not_in_images(args.out, args.images)
+    owned = prepare_out_dir(args.out, rank=shard[0])  # noqa: F841 (held for the run's life)
     model = load_model(args.model, device=device, precision=config.precision)
     if args.concepts is not None:
         specs = load_concepts(args.concepts, init_text=args.init)

@@ -100,6 +100,9 @@ def add_world_parser(subparsers) -> None:
 
 def run_world_suite(args) -> int:
     from ..datasets.suite import write_world_suite
+    from ..io import prepare_out_dir
+
+    owned = prepare_out_dir(args.out)  # noqa: F841 (first, and held for the run's life)
 
     print(write_world_suite(args.out, images_per_concept=args.images, seed=args.seed))
     return 0
@@ -107,6 +110,9 @@ def run_world_suite(args) -> int:
 
 def run_world_shards(args) -> int:
     from ..datasets.shards import write_world_shards
+    from ..io import prepare_out_dir
+
+    owned = prepare_out_dir(args.out)  # noqa: F841 (first, and held for the run's life)
 
     paths = write_world_shards(
         args.out, args.count, seed=args.seed, maxcount=args.per_shard, name_all=args.name_all

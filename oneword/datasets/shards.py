@@ -175,19 +175,31 @@ class _DecodeSample:
 
     def __init__(self, counter: ShardErrorCounter):
         self.counter = counter
+        self.checked: set[str] = set()  # shards whose end was checked (`tar_problem`)
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        key = sample.get("__key__")
+        key, url = sample.get("__key__"), sample.get("__url__")
+        if url is not None and url not in self.checked:
+            self.checked.add(url)
+            problem = tar_problem(url)
+            if problem is not None:  # counted once per shard; its good samples are still read
+                self.counter(OnewordError(f"shard {url}: {problem}"))
         extension = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
         if extension is None:
             raise OnewordError(
-                f"sample {key!r} in {sample.get('__url__')} has no image "
+                f"sample {key!r} in {url} has no image "
                 f"({', '.join(IMAGE_EXTENSIONS)}); it has {sorted(k for k in sample if not k.startswith('__'))}"
             )
-        with Image.open(io.BytesIO(sample[extension])) as opened:
-            image = opened.convert("RGB")  # decodes fully, so a corrupt file raises here
-        text = sample["txt"].decode("utf-8") if "txt" in sample else ""
-        meta = json.loads(sample["json"]) if "json" in sample else None
+        try:
+            with Image.open(io.BytesIO(sample[extension])) as opened:
+                image = opened.convert("RGB")  # decodes fully, so a corrupt file raises here
+            text = sample["txt"].decode("utf-8") if "txt" in sample else ""
+            meta = json.loads(sample["json"]) if "json" in sample else None
+        except Exception as error:  # PIL, UnicodeDecodeError, JSONDecodeError: name the sample
+            raise OnewordError(
+                f"shard {url}, sample {key!r}: cannot decode it ({type(error).__name__}: "
+                f"{' '.join(str(error).split())[:200]})"
+            ) from None
         self.counter.good()
         return {
             "image": image,
@@ -196,6 +208,31 @@ class _DecodeSample:
             "__key__": key,
             "__url__": sample.get("__url__"),
         }
+
+
+def tar_problem(url: str) -> str | None:
+    """Why a local tar file is cut short, or None (also for remote shards, not checked).
+
+    Python's tarfile stops without an error when a tar ends inside a member header, so the
+    rest of the shard would be lost silently. A complete tar is a whole number of 512-byte
+    blocks and ends with two zero blocks (tarfile and webdataset's writer add them).
+    """
+    if _is_remote(url) or not os.path.isfile(url):
+        return None
+    size = os.path.getsize(url)
+    if size % 512:
+        return (
+            f"it is cut short ({size:,} bytes is not a whole number of 512-byte tar blocks; "
+            "it ends inside a member): the samples after the cut are lost, copy it again"
+        )
+    with open(url, "rb") as handle:
+        handle.seek(max(size - 1024, 0))
+        if handle.read(1024).strip(b"\0"):
+            return (
+                "it is cut short (no end-of-archive blocks): the samples after the cut are "
+                "lost, copy it again"
+            )
+    return None
 
 
 def _is_remote(url: str) -> bool:

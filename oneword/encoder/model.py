@@ -319,6 +319,20 @@ def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     except (ValueError, TypeError) as error:
         raise OnewordError(f"{path}: unreadable encoder config ({error})") from None
     encoder = ConceptEncoder(config)
+    expected = encoder.state_dict()
+    for name, tensor in tensors.items():
+        if name in expected and tuple(tensor.shape) != tuple(expected[name].shape):
+            raise OnewordError(
+                f"encoder file {path} is broken: tensor {name!r} has shape "
+                f"{tuple(tensor.shape)} but its own config asks for {tuple(expected[name].shape)}; "
+                "the file was edited or mixed from two encoders: train or download it again"
+            )
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise OnewordError(
+                f"encoder file {path} is broken: tensor {name!r} holds {bad} NaN/inf value(s) "
+                "(a diverged training run or a damaged copy); train or download it again"
+            )
     missing, unexpected = encoder.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise OnewordError(

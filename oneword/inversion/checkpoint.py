@@ -42,11 +42,9 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
 
 
 def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    from .. import io
+
+    io.fsync_path(path)  # through oneword.io, where a test can make the disk fill up
 
 
 def _remove_stale_temporaries(folder: Path) -> None:
@@ -94,7 +92,15 @@ def save_checkpoint(
         os.replace(temp, final)
         _fsync(folder)
     except OSError as error:
-        raise OnewordError(f"cannot write checkpoint {final}: {error}") from None
+        before = [p.name for p in list_checkpoints(folder)]
+        kept = (
+            f"the earlier checkpoints are kept ({', '.join(before)})"
+            if before
+            else "no checkpoint was written"
+        )
+        raise OnewordError(
+            f"cannot write checkpoint {final}: {error.strerror or error}; {kept}"
+        ) from None
     finally:
         if temp.exists():
             shutil.rmtree(temp, ignore_errors=True)
@@ -114,7 +120,56 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
             f"checkpoint {path} is unreadable ({type(error).__name__}: {error}); "
             "delete that folder to resume from the one before it, or start a new run without --resume"
         ) from None
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise OnewordError(
+                f"checkpoint {path} is broken: {_describe_tensor(name, state)} holds {bad} NaN/inf "
+                "value(s); delete that folder to resume from the one before it"
+            )
     return tensors, state
+
+
+def _describe_tensor(name: str, state: dict) -> str:
+    """ "concept.0.rows.1" -> "the rows of '<t>' (text encoder 2)"; other names as they are."""
+    match = re.match(r"^concept\.(\d+)\.(rows|init)\.(\d+)$", name)
+    concepts = state.get("concepts") if isinstance(state, dict) else None
+    if match and isinstance(concepts, list) and int(match.group(1)) < len(concepts):
+        token = concepts[int(match.group(1))].get("token", "?")
+        what = "rows" if match.group(2) == "rows" else "initial rows"
+        return f"the {what} of {token!r} (text encoder {int(match.group(3)) + 1})"
+    return f"tensor {name!r}"
+
+
+def check_same_run(path: str | Path, saved: dict, current: dict) -> None:
+    """Refuse to resume a run from a checkpoint of a different run, naming what differs.
+
+    Args:
+        path: the checkpoint (for the message).
+        saved: the facts stored in the checkpoint (keys the run chose: images, token, model,
+            templates, vectors, or any settings).
+        current: the same facts for this run; keys missing from `saved` (older
+            checkpoints) are not compared.
+    """
+    differs = []
+    for key, now in current.items():
+        if key not in saved or _jsonable(saved[key]) == _jsonable(now):
+            continue
+        before = saved[key]
+        if isinstance(now, list) and isinstance(before, list) and key in ("images", "templates"):
+            changed = sum(a != b for a, b in zip(before, now)) + abs(len(before) - len(now))
+            differs.append(f"{key}: {changed} of {max(len(before), len(now))} differ")
+        else:
+            differs.append(f"{key}: {before!r} -> {now!r}")
+    if differs:
+        raise OnewordError(
+            f"--resume from {path}: this is not the run that wrote it ({'; '.join(differs)}); "
+            "resume with the same images, token, model and settings, or choose a new --out"
+        )
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value))
 
 
 def latest_checkpoint(folder: str | Path) -> Path:

@@ -259,6 +259,16 @@ class _Concept:
     since_best: int = 0
     stopped_at: int | None = None
 
+    def run_facts(self, model) -> dict:
+        """What a resumed run must share with the run it continues (`ckpt.check_same_run`)."""
+        return {
+            "token": self.token,
+            "images": image_hashes(self.images),
+            "model": model_fingerprint(model),
+            "templates": self.templates,
+            "vectors": self.placeholder.num_vectors,
+        }
+
     def scalars(self) -> dict:
         names = ("name", "token", "losses", "clip_losses", "nonfinite_in_row", "nonfinite_total")
         names += ("ema", "best_ema", "since_best", "stopped_at")
@@ -274,23 +284,126 @@ class _Concept:
             self.best_ema = math.inf
 
 
-def _prepare(model, spec: ConceptSpec, config: InversionConfig, templates, clip, init_rows=None):
+def prompt_texts(config: InversionConfig, templates: list[str], class_word: str | None) -> list:
+    """Every text the token is used in ("{}" = the token): the training templates and, with
+    samples on, the sample-grid prompts, with the class-word cue filled in."""
+    texts = list(templates)
+    if config.samples:
+        texts += STYLE_SAMPLE_PROMPTS if config.templates == "style" else OBJECT_SAMPLE_PROMPTS
+    cue = class_word if config.class_word_cue else None
+    return [fill(text, "{}", cue) for text in texts]
+
+
+def check_prompts(model, token: str, config: InversionConfig, templates, class_word) -> None:
+    """Refuse, before any work, a token that collides with the templates' words and more
+    vectors than the templates leave room for in the text encoder."""
+    from ..tokens import check_token_collisions, check_vectors_fit, sub_token_names
+
+    texts = prompt_texts(config, templates, class_word)
+    check_token_collisions(sub_token_names(token, config.vectors), texts, what="template")
+    name = config.templates if config.templates in ("object", "style") else "your"
+    check_vectors_fit(model, config.vectors, texts, what=f"the {name} templates")
+
+
+# Saved activations per sample, in values per UNet feature-map element (channels * side^2,
+# summed over the UNet's levels). Rough: calibrated on the miniature world (latent 16x16,
+# widths 64/128/128, fp32, CPU), where the peak RSS of `oneword invert --steps 1` grew by
+# 1.77 GiB from --batch 8 to --batch 128: 15.4 MiB per sample = 148 * 26,624 * 4 bytes.
+_ACTIVATIONS_PER_ELEMENT = 148
+
+
+def step_memory_estimate(model, batch: int) -> int:
+    """A rough estimate (bytes) of one training step's UNet activations at `batch` samples."""
+    config = model.unet.config
+    side = model.resolution // model.vae_scale
+    elements = sum(
+        channels * (side // 2**level) ** 2
+        for level, channels in enumerate(config.block_out_channels)
+    )
+    itemsize = torch.empty((), dtype=model.dtype).element_size()  # bf16/fp16: half of fp32
+    return int(batch * elements * _ACTIVATIONS_PER_ELEMENT * itemsize)
+
+
+def available_memory(device) -> int | None:
+    """Free bytes on `device` (GPU: free memory; CPU: MemAvailable, which counts the page
+    cache the kernel can drop, unlike MemFree), or None where unknown."""
+    try:
+        if torch.device(device).type == "cuda":
+            return int(torch.cuda.mem_get_info(torch.device(device))[0])
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (ValueError, OSError, RuntimeError, AttributeError):
+        return None
+    return None
+
+
+def check_batch(model, num_images: int, config: InversionConfig, *, name: str) -> None:
+    """Warn when --batch exceeds the distinct views (each image and its mirror; any number with
+    --augment) and refuse when the step would not fit in memory, with the estimate."""
+    need = step_memory_estimate(model, config.batch)
+    free = available_memory(model.device)
+    views = 2 * num_images
+    estimate = f"about {need / 2**30:.1f} GB of activations per step, roughly estimated"
+    if free is not None and need > free:
+        fit = max(1, int(config.batch * free / need))
+        raise OnewordError(
+            f"{name}: --batch {config.batch} needs {estimate}, but only {free / 2**30:.1f} GB "
+            f"are free on {model.device}; pass --batch {min(fit, views)} or fewer"
+        )
+    if not config.augment and config.batch > views:
+        log.warning(
+            "%s: --batch %d with %d image(s) draws each of the %d views (images and mirrors) "
+            "%.0f times per step: repeats that cost memory (%s) but add little; --batch %d "
+            "is enough",
+            name,
+            config.batch,
+            num_images,
+            views,
+            config.batch / views,
+            estimate,
+            views,
+        )
+
+
+def image_hashes(images) -> list[str]:
+    """SHA-256 of each fitted image's pixels: what a resumed run must train on again."""
+    import hashlib
+
+    return [hashlib.sha256(image.tobytes()).hexdigest()[:16] for image in images]
+
+
+def model_fingerprint(model) -> str:
+    """The model folder and its shape: a resumed run must use the same model."""
+    folder = model.extra.get("folder") if isinstance(model.extra, dict) else None
+    where = os.path.realpath(folder) if folder else str(model.source)
+    return f"{where} ({model.family}, widths {list(model.widths)}, {model.resolution}px)"
+
+
+def _prepare(
+    model, spec: ConceptSpec, config: InversionConfig, templates, clip, init_rows=None, source=None
+):
     """Add the placeholder, fit the images and (augment off) cache their latent distributions
     (taken as they are from `PreparedImages`)."""
+    token = spec.token or f"<{spec.name}>"
+    check_prompts(model, token, config, templates, spec.class_word)
     prepared = spec.images if isinstance(spec.images, PreparedImages) else None
     images = prepared.images if prepared else fit_images(spec.images, model.resolution)
+    check_batch(model, len(images), config, name=token)
     init_text = spec.init_text or spec.class_word
     if not init_text:
         raise OnewordError(
             f"concept {spec.name!r}: give an initializer word (--init, or 'class_word' in concept.json)"
         )
-    token = spec.token or f"<{spec.name}>"
     if config.class_word_cue and not spec.class_word:
         raise OnewordError(
             f"concept {spec.name!r}: the class-word cue is on but no class word was given "
             "(--class-word, or 'class_word' in concept.json)"
         )
-    placeholder = add_placeholder(model, token, init_text, config.vectors, init_rows=init_rows)
+    placeholder = add_placeholder(
+        model, token, init_text, config.vectors, init_rows=init_rows, source=source
+    )
     from ..images import images_to_tensor
 
     if prepared is not None:
@@ -378,7 +491,7 @@ def _l2_pull(model, concept: _Concept) -> torch.Tensor:
     return total
 
 
-def _save(folder, step, concepts, optimizer, config, stats) -> Path:
+def _save(folder, step, concepts, optimizer, config, stats, model) -> Path:
     tensors, rng = ckpt.rng_states({f"concept{i}": c.generator for i, c in enumerate(concepts)})
     for i, concept in enumerate(concepts):
         for e, (leaf, init) in enumerate(zip(concept.leaves, concept.init_rows)):
@@ -390,6 +503,7 @@ def _save(folder, step, concepts, optimizer, config, stats) -> Path:
         "step": step,
         "config": asdict(config),
         "concepts": [c.scalars() for c in concepts],
+        "run": [c.run_facts(model) for c in concepts],
         "optimizer": optimizer_state,
         "stats": stats,
         **rng,
@@ -397,7 +511,7 @@ def _save(folder, step, concepts, optimizer, config, stats) -> Path:
     return ckpt.save_checkpoint(folder, step, tensors, state)
 
 
-def _load(folder, concepts, optimizer, config, stats) -> int:
+def _load(folder, concepts, optimizer, config, stats, model) -> int:
     path = ckpt.latest_checkpoint(folder)
     tensors, state = ckpt.load_checkpoint(path)
     saved = state.get("config", {})
@@ -413,7 +527,21 @@ def _load(folder, concepts, optimizer, config, stats) -> int:
         raise OnewordError(
             f"--resume from {path}: it holds tokens {names}, not {[c.token for c in concepts]}"
         )
+    for saved_run, concept in zip(state.get("run") or [], concepts):
+        ckpt.check_same_run(path, saved_run, concept.run_facts(model))
+    from ..tokens import check_rows, vocabulary_norm
+
     for i, concept in enumerate(concepts):
+        for e, text_encoder in enumerate(model.text_encoders):
+            check_rows(
+                tensors[f"concept.{i}.rows.{e}"],
+                where=f"checkpoint {path}",
+                token=concept.token,
+                encoder=e,
+                reference_norm=vocabulary_norm(text_encoder),
+                error=OnewordError,
+                advice="delete that folder to resume from the one before it",
+            )
         with torch.no_grad():
             for e, leaf in enumerate(concept.leaves):
                 leaf.copy_(tensors[f"concept.{i}.rows.{e}"])
@@ -462,7 +590,7 @@ def _train(
     }
     step = 0
     if resume:
-        step = _load(checkpoint_dir, concepts, optimizer, config, stats)
+        step = _load(checkpoint_dir, concepts, optimizer, config, stats, model)
     last_saved = step if resume else None
 
     bar = tqdm(
@@ -583,14 +711,14 @@ def _train(
         if checkpoint_dir is not None and step % config.checkpoint_every == 0:
             stats["seconds_total"] += time.perf_counter() - started
             started = time.perf_counter()
-            _save(checkpoint_dir, step, concepts, optimizer, config, stats)
+            _save(checkpoint_dir, step, concepts, optimizer, config, stats, model)
             last_saved = step
     bar.close()
     for concept in concepts:
         set_rows(model, concept.placeholder, concept.leaves)
     stats["seconds_total"] += time.perf_counter() - started
     if checkpoint_dir is not None and last_saved != step:
-        _save(checkpoint_dir, step, concepts, optimizer, config, stats)
+        _save(checkpoint_dir, step, concepts, optimizer, config, stats, model)
     return {
         "steps_done": step,
         "seconds_total": stats["seconds_total"],
@@ -695,21 +823,73 @@ def _load_clip(model, config: InversionConfig):
     return ClipIdentityLoss.from_folder(folder, model.device, model.dtype)
 
 
-def _warm_rows(warm_start, token: str, config: InversionConfig, model):
+def _warm_rows(warm_start, config: InversionConfig, model, templates, class_word):
+    """(per-encoder rows, where they came from) of a warm start, or (None, None)."""
     if warm_start is None:
-        return None
+        return None, None
     from ..embeddings import load_embedding
+    from ..tokens import vectors_that_fit
 
     embedding = (
         load_embedding(warm_start) if isinstance(warm_start, (str, os.PathLike)) else warm_start
     )
+    source = f"--warm-start {warm_start}" if isinstance(warm_start, (str, os.PathLike)) else None
+    source = source or f"the warm start {getattr(embedding, 'token', '?')!r}"
     vectors = [v.detach().float() for v in embedding.vectors]
-    if vectors[0].shape[0] != config.vectors:
+    have = vectors[0].shape[0]
+    if have != config.vectors:
+        fit, _ = vectors_that_fit(model, prompt_texts(config, templates, class_word))
+        if have > fit:
+            raise OnewordError(
+                f"{source} has {have} vector(s), more than the {fit} that fit in the prompt "
+                f"with these templates (the text encoder reads 77 tokens); it cannot be "
+                "trained further here: learn a new token with --vectors "
+                f"{min(fit, config.vectors)} or fewer"
+            )
         raise OnewordError(
-            f"warm start {getattr(embedding, 'token', '?')!r} has {vectors[0].shape[0]} vector(s) but "
-            f"--vectors is {config.vectors}; pass --vectors {vectors[0].shape[0]}"
+            f"{source} has {have} vector(s) but --vectors is {config.vectors}; "
+            f"pass --vectors {have}"
         )
-    return vectors
+    return vectors, source
+
+
+def check_out_not_in_images(out: Path, images, *, nested: bool = False) -> None:
+    """Refuse an output folder whose files a later run would read as its input: the images
+    folder itself (the samples grid would become a training image of a resumed run), a
+    folder a glob reaches (it or any folder under it), and with `nested` (a --concepts
+    folder, whose sub-folders are concepts) any folder inside. A sub-folder of a plain
+    images folder is allowed: folders are listed without recursion."""
+    if isinstance(images, (str, os.PathLike)):
+        images = [images]
+    if not isinstance(images, (list, tuple)):
+        return
+    target = Path(os.path.realpath(out))
+    for item in images:
+        if not isinstance(item, (str, os.PathLike)):
+            continue
+        text = os.path.expanduser(os.fspath(item))
+        folder, inside_counts = Path(text), nested
+        if any(c in text for c in "*?[") and not folder.exists():
+            folder, inside_counts = Path(glob_root(text)), True
+        elif not folder.is_dir():
+            continue  # a named file: nothing written beside it is picked up
+        folder = Path(os.path.realpath(folder))
+        if target == folder or (inside_counts and folder in target.parents):
+            raise OnewordError(
+                f"--out {out} is inside the images folder {item}: the samples grid and "
+                "checkpoints written there would become training images (or concepts) of "
+                "the next run; choose another --out"
+            )
+
+
+def glob_root(pattern: str) -> str:
+    """The folder part of a glob before its first wildcard ("a/b/*.png" -> "a/b")."""
+    fixed = []
+    for part in Path(pattern).parts:
+        if any(c in part for c in "*?["):
+            break
+        fixed.append(part)
+    return str(Path(*fixed)) if fixed else "."
 
 
 def _check_out_dir(checkpoints: Path, resume: bool) -> None:
@@ -773,16 +953,20 @@ def invert(
     if resume and out is None:
         raise OnewordError("--resume needs the --out folder of the run to continue")
     checkpoints = out / "checkpoints" if out is not None else None
-    if checkpoints is not None:
+    if out is not None:
+        from ..io import prepare_out_dir
+
+        check_out_not_in_images(out, images)
+        owned = prepare_out_dir(out)  # noqa: F841 (held until this function returns)
         _check_out_dir(checkpoints, resume)
         if resume:
             ckpt.latest_checkpoint(checkpoints)  # fail before any work if there is none
     templates = load_templates(config.templates)
+    check_prompts(model, token, config, templates, class_word)
+    warm_rows, source = _warm_rows(warm_start, config, model, templates, class_word)
     clip = _load_clip(model, config)
     spec = ConceptSpec("concept", images, token, init_text, class_word)
-    concept = _prepare(
-        model, spec, config, templates, clip, _warm_rows(warm_start, token, config, model)
-    )
+    concept = _prepare(model, spec, config, templates, clip, warm_rows, source)
 
     wanted_rows: dict[int, tuple | None] = dict.fromkeys(wanted)
     run = _train(
@@ -869,6 +1053,11 @@ def invert_many(
     if chunk < 1:
         raise OnewordError(f"--chunk must be >= 1, got {chunk}")
     out = Path(out_dir)
+    from ..io import prepare_out_dir
+
+    for spec in concepts:
+        check_out_not_in_images(out, spec.images)
+    owned = prepare_out_dir(out, rank=rank)  # noqa: F841 (held until this function returns)
     mine = list(concepts)[rank::world_size]
     templates = load_templates(config.templates)
     clip = _load_clip(model, config)
