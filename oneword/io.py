@@ -114,8 +114,10 @@ class OutDirLock:
     The lock file lives beside the folder (`PARENT/.NAME.oneword.lock`), not inside it, so
     commands that publish a whole new folder by renaming a staging folder onto it (world
     suite, world shards) keep working; when the parent is not writable it lives inside.
-    The file holds the owner's pid; it is never deleted (deleting a lock file races with a
-    process that has just opened it), only unlocked.
+    The file holds the owner's pid. It is deleted on release while still locked; a process
+    that opened it just before and then gets the lock sees that the path no longer names
+    the file it locked and starts over (`prepare_out_dir`), so deleting cannot let two runs
+    own one folder. A run killed outright leaves its file, unlocked and harmless.
     """
 
     def __init__(self, folder: Path, lock_file: Path, descriptor: int, key: str = ""):
@@ -126,6 +128,8 @@ class OutDirLock:
         if self._descriptor is not None:
             import fcntl
 
+            with contextlib.suppress(OSError):
+                self.lock_file.unlink()  # while locked: see the class docstring
             with contextlib.suppress(OSError):
                 fcntl.flock(self._descriptor, fcntl.LOCK_UN)
             os.close(self._descriptor)
@@ -217,25 +221,35 @@ def prepare_out_dir(
     lock_file = folder.parent / name
     if folder.is_dir() and not os.access(folder.parent, os.W_OK):
         lock_file = folder / name  # a writable folder in a read-only parent
-    try:
-        lock_file.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as error:
-        raise OnewordError(
-            f"{what} {path}: cannot create the lock file {lock_file} ({error.strerror or error})"
-        ) from None
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    while True:
         try:
-            owner = os.pread(descriptor, 32, 0).decode("ascii", "replace").strip()
+            lock_file.parent.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as error:
+            raise OnewordError(
+                f"{what} {path}: cannot create the lock file {lock_file} ({error.strerror or error})"
+            ) from None
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            owner = ""
+            try:
+                owner = os.pread(descriptor, 32, 0).decode("ascii", "replace").strip()
+            except OSError:
+                owner = ""
+            os.close(descriptor)
+            by = f"another run (pid {owner})" if owner.isdigit() else "another run"
+            raise OnewordError(
+                f"{what} {path} is in use by {by}; wait for it to finish or choose another {what}"
+            ) from None
+        # The owner before us deletes the file on release: if the path no longer names the
+        # file we locked, our lock guards nothing; open the path again.
+        try:
+            same = os.path.samestat(os.fstat(descriptor), os.stat(lock_file))
+        except OSError:
+            same = False
+        if same:
+            break
         os.close(descriptor)
-        by = f"another run (pid {owner})" if owner.isdigit() else "another run"
-        raise OnewordError(
-            f"{what} {path} is in use by {by}; wait for it to finish or choose another {what}"
-        ) from None
     os.ftruncate(descriptor, 0)
     os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
     owned = OutDirLock(folder, lock_file, descriptor, key)
