@@ -10,6 +10,10 @@ fp32 vectors), and four layouts on disk (see docs "Embedding files other tools r
 | a1111     | `torch.save` of the A1111 dict (`.pt`)          | the same safetensors (A1111's only) |
 | kohya     | safetensors `{"emb_params": (K, d)}` + modelspec | `{clip_l, clip_g}` + modelspec     |
 
+SD 3.x files hold `{clip_l, clip_g, t5}` and FLUX.1 files `{clip_l, t5}` (OneTrainer's and
+diffusers' FLUX training script's names; ComfyUI's `t5xxl` is read as `t5`); "a1111" writes
+SD3's `{clip_l, clip_g}` (A1111 reads no T5), and kohya's scripts train neither family.
+
 Reading detects the layout from the bytes, never from the file extension, and unpickles
 only with `torch.load(weights_only=True)`: an embedding file from the internet must not be
 able to run code. Writing is atomic: a temporary file in the same folder, fsync, then
@@ -34,8 +38,14 @@ import torch
 from .errors import EmbeddingFileError, TokenError
 
 FORMATS = ("oneword", "diffusers", "a1111", "kohya")
-FAMILIES = ("sd1", "sd2", "sdxl")
+FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux")
 SDXL_KEYS = ("clip_l", "clip_g")  # CLIP ViT-L (text_encoder), OpenCLIP bigG (text_encoder_2)
+SD3_KEYS = ("clip_l", "clip_g", "t5")  # + T5-XXL (text_encoder_3)
+FLUX_KEYS = ("clip_l", "t5")  # CLIP ViT-L (text_encoder, pooled), T5-XXL (text_encoder_2)
+# Multi-encoder layouts by their keys, in the model's encoder order.
+KEY_LAYOUTS = {SDXL_KEYS: "sdxl", SD3_KEYS: "sd3", FLUX_KEYS: "flux"}
+ENCODER_FILE_KEYS = ("clip_l", "clip_g", "t5")
+KEY_ALIASES = {"t5xxl": "t5"}  # ComfyUI's name for the T5-XXL rows
 KOHYA_KEY = "emb_params"
 A1111_TOKEN_ID = 265  # A1111 writes this placeholder id for "*"; nothing reads it back
 # Token-embedding widths of the real models, for guessing a file's family from its shapes.
@@ -63,6 +73,8 @@ class TokenEmbedding:
         metadata: string facts (base model, method, steps, ...); empty when the file had none.
         source_format: "oneword", "diffusers", "a1111" or "kohya" (what it was read as or built for).
         path: the file it was read from, if any (for error messages).
+        keys: per vector block its file key ("clip_l", "clip_g", "t5"); None means SDXL's
+            (clip_l, clip_g) for two blocks and the token itself for one.
     """
 
     token: str
@@ -70,6 +82,14 @@ class TokenEmbedding:
     metadata: dict[str, str] = field(default_factory=dict)
     source_format: str = "oneword"
     path: Path | None = None
+    keys: tuple[str, ...] | None = None
+
+    @property
+    def encoder_keys(self) -> tuple[str, ...] | None:
+        """The file keys of the vector blocks; None for a single-encoder (SD 1.x/2.x) token."""
+        if self.keys is not None and len(self.vectors) > 1:
+            return tuple(self.keys)
+        return {2: SDXL_KEYS, 3: SD3_KEYS}.get(len(self.vectors))
 
     @property
     def num_vectors(self) -> int:
@@ -81,11 +101,13 @@ class TokenEmbedding:
 
     @property
     def family_guess(self) -> str:
-        """The model family: sdxl for two encoders, else from the width (768 sd1,
-        1024 sd2), else the file's own `model_family` metadata (tiny test models), else
-        "unknown"."""
-        if len(self.vectors) == 2:
-            return "sdxl"
+        """The model family: from the keys for several encoders (sdxl, sd3, flux), else from
+        the width (768 sd1, 1024 sd2), else the file's own `model_family` metadata (tiny test
+        models), else "unknown"."""
+        if len(self.vectors) > 1:
+            family = KEY_LAYOUTS.get(self.encoder_keys, "unknown")
+            # An SD3 token exported for A1111 keeps only clip_l + clip_g.
+            return "sd3" if self.metadata.get("model_family") == "sd3" else family
         if self.widths[0] in WIDTH_FAMILY:
             return WIDTH_FAMILY[self.widths[0]]
         family = self.metadata.get("model_family", "")
@@ -152,10 +174,15 @@ def _check_embedding(emb: TokenEmbedding) -> list[torch.Tensor]:
         raise EmbeddingFileError(
             f"{where}: token {emb.token!r} must be one word without spaces, e.g. '<my-cat>'"
         )
-    if len(emb.vectors) not in (1, 2):
+    if len(emb.vectors) not in (1, 2, 3):
         raise EmbeddingFileError(
             f"{where}: has vectors for {len(emb.vectors)} text encoders; expected 1 "
-            "(SD 1.x/2.x) or 2 (SDXL: clip_l, clip_g)"
+            "(SD 1.x/2.x), 2 (SDXL: clip_l, clip_g; FLUX: clip_l, t5) or 3 (SD3: clip_l, clip_g, t5)"
+        )
+    if len(emb.vectors) > 1 and emb.encoder_keys not in KEY_LAYOUTS:
+        raise EmbeddingFileError(
+            f"{where}: keys {list(emb.keys or [])} for {len(emb.vectors)} text encoders are "
+            f"no known layout; expected one of {[list(k) for k in KEY_LAYOUTS]}"
         )
     vectors = [
         _as_vectors(v, where, f"the vectors for text encoder {i + 1}")
@@ -285,8 +312,8 @@ def _unrelated_keys(path: Path, keys: list[str]) -> EmbeddingFileError:
     hint = " Is it a model checkpoint or LoRA rather than an embedding?" if len(keys) > 2 else ""
     return EmbeddingFileError(
         f"{path} holds {len(keys)} unrelated keys ({shown}); an embedding file holds one "
-        f"tensor (the token, or {KOHYA_KEY!r}), {SDXL_KEYS[0]!r} + {SDXL_KEYS[1]!r}, "
-        f"or an A1111 'string_to_param' dict.{hint}"
+        f"tensor (the token, or {KOHYA_KEY!r}), clip_l + clip_g (SDXL), clip_l + clip_g + t5 "
+        f"(SD3), clip_l + t5 (FLUX), or an A1111 'string_to_param' dict.{hint}"
     )
 
 
@@ -306,7 +333,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         ) from None
     keys = [k for k in header if k != "__metadata__"]
     # Refuse big files (a whole checkpoint passed by mistake) before loading any tensor.
-    if len(keys) > 2:
+    if len(keys) > 3 or (len(keys) == 3 and not set(keys) <= {*ENCODER_FILE_KEYS, *KEY_ALIASES}):
         raise _unrelated_keys(path, keys)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
@@ -397,29 +424,37 @@ def _parse(obj, metadata: dict[str, str], path: Path, *, token: str | None) -> T
         name = obj.get("name") if isinstance(obj.get("name"), str) and obj.get("name") else None
         return TokenEmbedding(token or name or path.stem, vectors, metadata, "a1111", path)
 
-    keys = sorted(str(k) for k in obj)
-    present = [k for k in SDXL_KEYS if k in obj]
+    obj = {KEY_ALIASES.get(str(k), str(k)): v for k, v in obj.items()}
+    keys = sorted(obj)
+    present = [k for k in ENCODER_FILE_KEYS if k in obj]
     written_as = metadata.get("oneword_format")
     kohya_meta = any(k.startswith(("modelspec.", "ss_")) for k in metadata)
     stored_token = metadata.get("token") or None
-    if present and keys != sorted(SDXL_KEYS):  # 2. SDXL, which needs both encoders
-        missing = [k for k in SDXL_KEYS if k not in obj]
-        extra = [k for k in keys if k not in SDXL_KEYS]
+    layout = next((k for k in KEY_LAYOUTS if sorted(k) == keys), None)
+    if present and layout is None:  # 2. SDXL / SD3 / FLUX, which need every encoder
+        # Name what is wrong against the closest layout (SDXL first on a tie).
+        closest = max(KEY_LAYOUTS, key=lambda layout: len(set(layout) & set(keys)))
+        missing = [k for k in closest if k not in obj]
+        extra = [k for k in keys if k not in closest]
         problem = f"lacks {missing[0]!r}" if missing else f"also holds {', '.join(extra)}"
         raise EmbeddingFileError(
-            f"{where}: SDXL embedding with keys {keys} {problem}; an SDXL file needs "
-            f"exactly {SDXL_KEYS[0]!r} (text_encoder, 768 wide) and {SDXL_KEYS[1]!r} (text_encoder_2, 1280 wide)"
+            f"{where}: {KEY_LAYOUTS[closest].upper()} embedding with keys {keys} {problem}; "
+            "SDXL needs exactly clip_l (text_encoder) + clip_g (text_encoder_2), SD3 "
+            "clip_l + clip_g + t5, FLUX clip_l + t5 (ComfyUI's t5xxl is read as t5)"
         )
     if present:
-        vectors = [_as_vectors(obj[k], where, repr(k)) for k in SDXL_KEYS]
-        if vectors[0].shape[0] != vectors[1].shape[0]:
+        vectors = [_as_vectors(obj[k], where, repr(k)) for k in layout]
+        counts = {k: int(v.shape[0]) for k, v in zip(layout, vectors)}
+        if len(set(counts.values())) != 1:
+            listed = ", ".join(f"{k} has {n}" for k, n in counts.items())
             raise EmbeddingFileError(
-                f"{where}: clip_l has {vectors[0].shape[0]} vectors but clip_g has "
-                f"{vectors[1].shape[0]}; both encoders need the same number K"
+                f"{where}: {listed} vectors; every encoder needs the same number K"
             )
-        guessed = "kohya" if kohya_meta else "a1111"
+        guessed = "kohya" if kohya_meta else "a1111" if layout == SDXL_KEYS else "oneword"
         source = written_as if written_as in FORMATS else guessed
-        return TokenEmbedding(token or stored_token or path.stem, vectors, metadata, source, path)
+        return TokenEmbedding(
+            token or stored_token or path.stem, vectors, metadata, source, path, layout
+        )
     if keys == [KOHYA_KEY]:  # 3. kohya sd-scripts
         vectors = [_as_vectors(obj[KOHYA_KEY], where, repr(KOHYA_KEY))]
         return TokenEmbedding(token or stored_token or path.stem, vectors, metadata, "kohya", path)
@@ -487,12 +522,29 @@ def save_embedding(
     _check_format(format)
     path = Path(path).expanduser()
     vectors = _check_embedding(emb)
+    family = emb.family_guess
+    if format == "kohya" and family in ("sd3", "flux"):
+        raise EmbeddingFileError(
+            f"{_label(emb)}: kohya's sd-scripts train and read no {family} embeddings; "
+            "use --to oneword (OneTrainer and diffusers read it)"
+        )
+    if format == "a1111" and family == "flux":
+        raise EmbeddingFileError(
+            f"{_label(emb)}: AUTOMATIC1111 reads no FLUX embeddings; use --to oneword "
+            "(diffusers, OneTrainer) instead"
+        )
     metadata = _file_metadata(emb, vectors, format)
     if format == "kohya":
         metadata = _kohya_metadata(metadata)
 
-    if len(vectors) == 2:
-        tensors = dict(zip(SDXL_KEYS, vectors))  # every tool reads SDXL as clip_l + clip_g
+    if format == "a1111" and family == "sd3":
+        # A1111's SD3 path reads clip_l and clip_g and has no T5 (the prompt's T5 half
+        # then sees the word as ordinary text).
+        metadata["dropped"] = "t5"
+        tensors = dict(zip(SDXL_KEYS, vectors[:2]))
+    elif len(vectors) > 1:
+        # Every tool reads SDXL as clip_l + clip_g; SD3 adds t5, FLUX is clip_l + t5.
+        tensors = dict(zip(emb.encoder_keys, vectors))
     elif format == "kohya":
         tensors = {KOHYA_KEY: vectors[0]}
     else:
@@ -548,6 +600,7 @@ def save_model_token(
     """
     from .tokens import get_rows
 
+    keys = tuple(getattr(model, "encoder_keys", ())) or None
     metadata = {
         "base_model": str(model.source),
         "model_family": model.family,
@@ -563,6 +616,7 @@ def save_model_token(
         vectors=get_rows(model, placeholder),
         metadata=_string_metadata(metadata),
         source_format=format,
+        keys=keys if keys and len(keys) > 1 else None,
     )
     return save_embedding(path, emb, format=format)
 
@@ -599,6 +653,7 @@ def _resolve(emb_or_path, token: str | None) -> TokenEmbedding:
                 emb_or_path.metadata,
                 emb_or_path.source_format,
                 emb_or_path.path,
+                emb_or_path.keys,
             )
         return emb_or_path
     return load_embedding(emb_or_path, token=token)
@@ -636,6 +691,12 @@ def load_into_model(model, emb_or_path, *, token: str | None = None):
 
     emb = _resolve(emb_or_path, token)
     _check_widths(emb, model.widths, model.source, model.family)
+    want = tuple(getattr(model, "encoder_keys", ()))
+    if len(emb.vectors) > 1 and want and emb.encoder_keys != want:
+        raise EmbeddingFileError(
+            f"{_label(emb)} holds {'+'.join(emb.encoder_keys)} vectors but {model.source} "
+            f"({model.family}) needs {'+'.join(want)}; use an embedding made for this model family"
+        )
     return add_placeholder(
         model,
         emb.token,
@@ -651,6 +712,8 @@ def load_into_pipeline(pipe, emb_or_path, *, token: str | None = None) -> str:
     SD 1.x/2.x: one call. SDXL: one call per encoder (clip_l -> text_encoder/tokenizer,
     clip_g -> text_encoder_2/tokenizer_2), passing the K sub-token names as a list, as
     diffusers documents; multi-vector prompts then expand through `maybe_convert_prompt`.
+    FLUX.1: the same, clip_l -> text_encoder/tokenizer, t5 -> text_encoder_2/tokenizer_2.
+    SD3's pipelines have no `load_textual_inversion`; use oneword's `generate` for them.
 
     Args:
         pipe: a `StableDiffusionPipeline`, `StableDiffusionXLPipeline` or similar.
@@ -664,6 +727,11 @@ def load_into_pipeline(pipe, emb_or_path, *, token: str | None = None) -> str:
     from .tokens import sub_token_names
 
     emb = _resolve(emb_or_path, token)
+    if not hasattr(pipe, "load_textual_inversion"):
+        raise EmbeddingFileError(
+            f"{type(pipe).__name__} cannot load textual-inversion tokens (diffusers gives its "
+            "SD3 pipelines no load_textual_inversion); sample with `oneword generate` instead"
+        )
     pairs = [
         (getattr(pipe, tokenizer, None), getattr(pipe, text_encoder, None))
         for tokenizer, text_encoder in (
@@ -677,9 +745,18 @@ def load_into_pipeline(pipe, emb_or_path, *, token: str | None = None) -> str:
     if not pairs:
         raise EmbeddingFileError(f"{type(pipe).__name__} has no text encoder to load a token into")
     widths = [text_encoder.get_input_embeddings().embedding_dim for _, text_encoder in pairs]
-    family = "sdxl" if len(pairs) == 2 else detect_family({}, pairs[0][1].config.to_dict())
+    is_flux = "Flux" in type(pipe).__name__
+    if len(pairs) == 2:
+        family = "flux" if is_flux else "sdxl"
+    else:
+        family = detect_family({}, pairs[0][1].config.to_dict())
     source = getattr(getattr(pipe, "config", None), "_name_or_path", None) or type(pipe).__name__
     _check_widths(emb, widths, source, family)
+    if len(pairs) == 2 and emb.encoder_keys != (FLUX_KEYS if is_flux else SDXL_KEYS):
+        raise EmbeddingFileError(
+            f"{_label(emb)} holds {'+'.join(emb.encoder_keys)} vectors but {source} ({family}) "
+            f"needs {'+'.join(FLUX_KEYS if is_flux else SDXL_KEYS)}"
+        )
 
     names = sub_token_names(emb.token, emb.num_vectors)
     for tokenizer, _ in pairs:
@@ -728,7 +805,8 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
             "examples:\n"
             "  oneword export cat.safetensors --to a1111 cat.pt\n"
             "  oneword export cat.pt --to kohya cat-kohya.safetensors --token '<my-cat>'\n"
-            "SDXL embeddings are always written as safetensors with clip_l and clip_g."
+            "SDXL embeddings are always written as safetensors with clip_l and clip_g, SD3's\n"
+            "with clip_l, clip_g and t5 (a1111: clip_l and clip_g), FLUX's with clip_l and t5."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -39,7 +39,7 @@ _CONFIG_FLAGS = {
     "augment": "augment", "early_stop": "early_stop", "patience": "patience",
     "min_delta": "min_delta", "checkpoint_every": "checkpoint_every", "precision": "precision",
     "quiet": "quiet", "max_nonfinite": "max_nonfinite", "samples": "samples",
-    "sample_steps": "sample_steps",
+    "sample_steps": "sample_steps", "encoders": "encoders",
 }  # fmt: skip
 
 
@@ -78,6 +78,11 @@ def add_invert_parser(subparsers) -> argparse.ArgumentParser:
     add("--lr", type=float, help=f"Adam learning rate (default {defaults.lr})")
     add("--batch", type=int, help=f"images per step and concept (default {defaults.batch})")
     add("--vectors", type=int, help=f"vectors K per token (default {defaults.vectors})")
+    add(
+        "--encoders",
+        choices=["all", "clip", "t5"],
+        help="text encoders that learn the token, SD3/FLUX (default all; others keep the init)",
+    )
     add("--templates", help="object, style, or a file with one template per line ({} = token)")
     add("--seed", type=int, help=f"seed (default {defaults.seed})")
     add("--resume", action="store_true", help="continue from OUT/checkpoints (must exist)")
