@@ -2,7 +2,7 @@
 
 One in-memory form, `TokenEmbedding` (a trigger word and, per text encoder, its (K, d)
 fp32 vectors), and five layouts on disk (docs/formats.md has the table of which tool reads
-which file, each row backed by tests/test_tool_readers.py):
+which file, each row backed by tests/core/test_embeddings_readers.py):
 
 | layout    | SD 1.x / 2.x                                       | SDXL                     |
 |-----------|----------------------------------------------------|--------------------------|

@@ -36,7 +36,7 @@ CONTAINERS = (".safetensors", ".pt", ".bin")
 TOOLS = ("comfyui", "a1111", "kohya", "diffusers")
 TOKEN = "<tok>"
 NUM_VECTORS = 2
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "formats.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "formats.md"
 
 
 class Refused(Exception):
