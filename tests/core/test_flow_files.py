@@ -190,3 +190,26 @@ def test_bad_keys_and_widths_are_one_line(tiny_flux_dir, tiny_sd3_dir, tmp_path)
             tmp_path / "z.safetensors",
             TokenEmbedding("<z>", [torch.randn(1, 8)] * 2, keys=("t5", "clip_l")),
         )
+
+
+@pytest.mark.parametrize(
+    ("family", "keys", "widths"),
+    [("sd3", ("clip_l", "clip_g", "t5"), (32, 48, 96)), ("flux", ("clip_l", "t5"), (32, 64))],
+)
+def test_comfyui_export_uses_t5xxl(family, keys, widths, tmp_path):
+    """ComfyUI looks up clip_l, clip_g and t5xxl: each encoder gets its own rows back."""
+    from tests.core.test_embeddings_readers import comfyui_load_embed
+
+    generator = torch.Generator().manual_seed(0)
+    emb = TokenEmbedding("<c>", [torch.randn(2, w, generator=generator) for w in widths], keys=keys)
+    save_embedding(tmp_path / "src.safetensors", emb)
+    out = tmp_path / "comfy"
+    out.mkdir()
+    assert main(["export", str(tmp_path / "src.safetensors"), "--to", "comfyui", str(out)]) == 0
+    written = load_file(out / "c.safetensors")
+    comfy_keys = [k.replace("t5", "t5xxl") for k in keys]
+    assert sorted(written) == sorted(comfy_keys)
+    for key, width, vectors in zip(comfy_keys, widths, emb.vectors):
+        assert torch.equal(comfyui_load_embed("c", out, width, key), vectors)
+    back = load_embedding(out / "c.safetensors")  # and oneword reads t5xxl as t5
+    assert back.encoder_keys == keys and back.family_guess == family
