@@ -136,7 +136,7 @@ def initial_rows(tokenizer, text_encoder, init_text: str, num_vectors: int) -> t
         raise TokenError(
             f"initializer text {init_text!r} has no tokens; pass a word such as the concept's class ('dog')"
         )
-    table = placeholder_embedding(text_encoder)
+    table = placeholder_embedding(text_encoder, len(tokenizer))
     if any(i >= table.num_embeddings for i in ids):
         raise TokenError(
             f"initializer text {init_text!r} uses a token this text encoder has no row for"
@@ -192,6 +192,10 @@ def add_placeholder(
     ids_per_encoder, rows_per_encoder = [], []
     for index, (tokenizer, text_encoder) in enumerate(zip(model.tokenizers, model.text_encoders)):
         table = placeholder_embedding(text_encoder, len(tokenizer))
+        if table.rows.shape[0] == 0 and len(tokenizer) < table.base_vocab:
+            # Installed before the tokenizer was known (e.g. by `trainable_rows`): new ids
+            # start at len(tokenizer), below T5's padding rows, which are never read.
+            table.base_vocab = len(tokenizer)
         if init_rows is not None:
             rows = init_rows[index].detach().float()
             if tuple(rows.shape) != (num_vectors, table.embedding_dim):

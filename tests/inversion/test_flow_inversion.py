@@ -240,3 +240,11 @@ def test_batched_concepts_match_single_runs_on_flux(request, tmp_path):
         assert many[spec.name]["steps_done"] == 3
         for key, vectors in zip(("clip_l", "t5"), alone.vectors):
             torch.testing.assert_close(batched[key], vectors, atol=1e-4, rtol=0)
+
+
+def test_t5_ids_start_at_the_tokenizer_even_if_the_table_came_first(request):
+    model = _model(request, "flux")
+    trainable_rows(model)  # installs the tables before any tokenizer is consulted
+    placeholder = add_placeholder(model, "<late>", "cat")
+    assert placeholder.ids[-1] == [len(model.tokenizers[-1]) - 1]
+    assert placeholder_embedding(model.text_encoders[-1]).base_vocab == placeholder.ids[-1][0]
