@@ -3,6 +3,8 @@ rectified-flow objective, and the same resume and safety guarantees as SD 1.x/2.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -248,3 +250,26 @@ def test_t5_ids_start_at_the_tokenizer_even_if_the_table_came_first(request):
     placeholder = add_placeholder(model, "<late>", "cat")
     assert placeholder.ids[-1] == [len(model.tokenizers[-1]) - 1]
     assert placeholder_embedding(model.text_encoders[-1]).base_vocab == placeholder.ids[-1][0]
+
+
+def test_cli_invert_on_flux_with_the_encoders_flag(request, tmp_path, capsys):
+    from oneword.cli import main
+
+    folder = request.getfixturevalue("tiny_flux_dir")
+    images = tmp_path / "images"
+    images.mkdir()
+    for index, image in enumerate(_images()):
+        image.save(images / f"{index}.png")
+    out = tmp_path / "run"
+    args = ["invert", "--model", str(folder), "--images", str(images), "--token", "<t>"]
+    args += ["--init", "dog", "--out", str(out), "--steps", "2", "--batch", "2", "--device", "cpu"]
+    assert main([*args, "--encoders", "t5", "--no-samples", "--quiet"]) == 0
+    tensors = load_file(out / "learned_embeds.safetensors")
+    assert sorted(tensors) == ["clip_l", "t5"]
+    log = json.loads((out / "log.json").read_text())
+    assert log["config"]["encoders"] == "t5" and log["model"]["family"] == "flux"
+    capsys.readouterr()
+    bad = ["invert", "--model", str(folder), "--images", str(images), "--token", "<u>"]
+    bad += ["--init", "dog", "--out", str(tmp_path / "bad"), "--encoders", "clip_g"]
+    with pytest.raises(SystemExit):  # argparse refuses an unknown choice
+        main(bad)
