@@ -117,19 +117,19 @@ def test_loss_falls_on_a_fixed_batch(request, family):
     model = _model(request, family)
     placeholder = add_placeholder(model, "<t>", "dog")
     generator = torch.Generator().manual_seed(0)
-    latents = scale_latents(model, torch.randn(4, 16, 16, 16, generator=generator))
-    noise = torch.randn(4, 16, 16, 16, generator=generator)
-    sigmas = draw_timesteps(model, 4, generator)
-    prompts = ["a photo of <t>", "a <t> on the left", "a rendering of <t>", "<t>"]
+    latents = scale_latents(model, torch.randn(2, 16, 16, 16, generator=generator))
+    noise = torch.randn(2, 16, 16, 16, generator=generator)
+    sigmas = draw_timesteps(model, 2, generator)
+    prompts = ["a photo of <t>", "a rendering of <t>"]
     optimizer = torch.optim.Adam(trainable_rows(model), lr=0.05)
     losses = []
-    for _ in range(15):
+    for _ in range(8):
         optimizer.zero_grad()
         loss = denoising_loss(model, latents, encode_prompts(model, prompts), noise, sigmas)
         loss.loss.mean().backward()
         optimizer.step()
         losses.append(loss.loss.mean().item())
-    assert losses[-1] < losses[0] - 1e-3, losses
+    assert losses[-1] < losses[0] - 0.01 and losses[-1] == min(losses), losses
     assert all(torch.isfinite(r).all() for r in get_rows(model, placeholder))
 
 
