@@ -90,13 +90,9 @@ def time_family(family: str, folder: Path, device: str, steps: int, batch: int) 
 def _heldout_loss(model, placeholder, rows, images, draws: int = 32) -> float:
     """Mean denoising loss of `rows` on fixed draws (their own generator, seed 1234)."""
     from oneword.images import images_to_tensor
-    from oneword.inversion.objective import (
-        denoising_loss,
-        draw_timesteps,
-        encode_prompts,
-        scale_latents,
-    )
+    from oneword.inversion.objective import denoising_loss, draw_timesteps, scale_latents
     from oneword.inversion.templates import OBJECT_TEMPLATES, fill
+    from oneword.prompts import encode_prompts
     from oneword.tokens import set_rows
 
     set_rows(model, placeholder, rows)

@@ -347,12 +347,3 @@ def _load_flow_model(folder: Path, source: str, family: str, index: dict, part, 
         shift_factor=float(getattr(vae.config, "shift_factor", None) or 0.0),
         max_sequence_length=max_length,
     )
-
-
-def add_model_argument(parser) -> None:
-    """The `--model` option every command shares (a diffusers folder or hub id)."""
-    parser.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"diffusers folder or hub id (default: {DEFAULT_MODEL})",
-    )

@@ -12,7 +12,12 @@ from __future__ import annotations
 import gzip
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 CLIP_VOCAB_SIZE = 49408
 MODEL_MAX_LENGTH = 77
@@ -96,6 +101,21 @@ def load_clip_tokenizer(folder: str | os.PathLike):
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(str(folder), model_max_length=MODEL_MAX_LENGTH)
+
+
+def tokenize(
+    tokenizer, captions: Sequence[str], device, max_length: int | None = None
+) -> torch.Tensor:
+    """Captions -> (b, n) input ids on `device`, exactly as diffusers' pipelines make them:
+    padded to `max_length` (default: the tokenizer's context, 77 for CLIP; T5 gets the
+    pipelines' `max_sequence_length`, at most 512), truncated, no attention mask."""
+    return tokenizer(
+        list(captions),
+        padding="max_length",
+        max_length=max_length or tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(device)
 
 
 # --- T5 (SentencePiece) -------------------------------------------------------------------

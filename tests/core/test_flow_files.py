@@ -20,8 +20,8 @@ from oneword.embeddings import (
 )
 from oneword.errors import EmbeddingFileError
 from oneword.inversion import InversionConfig, invert
-from oneword.inversion.objective import encode_prompts
 from oneword.models import load_model
+from oneword.prompts import encode_prompts
 from oneword.tokens import expand_prompt, get_rows
 
 
