@@ -85,7 +85,7 @@ from oneword.encoder.model import (
 )
 from oneword.errors import OnewordError
 from oneword.inversion import checkpoint as ckpt
-from oneword.inversion.objective import denoising_loss
+from oneword.inversion.objective import denoising_loss, draw_timesteps, scale_latents
 from oneword.inversion.templates import fill, load_templates
 from oneword.io import prepare_out_dir
 from oneword.models import DEFAULT_MODEL
@@ -420,7 +420,6 @@ class Validator:
         self.templates = load_templates(cfg.templates)
         self.concepts = read_suite(suite_dir)[: cfg.val_concepts]
         self.pixels, self.draws, self.placeholders = [], [], []
-        timesteps = model.noise_scheduler.config.num_train_timesteps
         for index, concept in enumerate(self.concepts):
             pixels = images_to_tensor(load_images(concept.images, model.resolution))  # (n, 3, H, W)
             self.pixels.append(pixels)
@@ -433,14 +432,11 @@ class Validator:
             eps = torch.randn((cfg.val_draws, *mean.shape[1:]), generator=generator)
             self.draws.append(
                 {
-                    "latents": (mean[which] + std[which] * eps.to(mean.device))
-                    * model.scaling_factor,
+                    "latents": scale_latents(model, mean[which] + std[which] * eps.to(mean.device)),
                     "templates": torch.randint(
                         len(self.templates), (cfg.val_draws,), generator=generator
                     ).tolist(),
-                    "timesteps": torch.randint(timesteps, (cfg.val_draws,), generator=generator).to(
-                        model.device
-                    ),
+                    "timesteps": draw_timesteps(model, cfg.val_draws, generator).to(model.device),
                     "noise": torch.randn((cfg.val_draws, *mean.shape[1:]), generator=generator).to(
                         model.device
                     ),
@@ -824,14 +820,10 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                 generator = torch.Generator().manual_seed(
                     mix_seed("step", cfg.seed, rank, step, micro)
                 )
-                latents = (
-                    mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)
-                ) * model.scaling_factor
-                timesteps = torch.randint(
-                    model.noise_scheduler.config.num_train_timesteps,
-                    (len(latents),),
-                    generator=generator,
-                ).to(model.device)
+                latents = scale_latents(
+                    model, mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)
+                )  # (B M, c, h, w); SD3/FLUX: (z - shift) * scale, 16 channels
+                timesteps = draw_timesteps(model, len(latents), generator).to(model.device)
                 noise = torch.randn(mean.shape, generator=generator).to(model.device)
                 choices = torch.randint(
                     len(templates), (len(latents),), generator=generator

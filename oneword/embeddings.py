@@ -1,14 +1,32 @@
 """Embedding files: save a learned token so other tools can use it, and load theirs.
 
 One in-memory form, `TokenEmbedding` (a trigger word and, per text encoder, its (K, d)
-fp32 vectors), and four layouts on disk (see docs "Embedding files other tools read"):
+fp32 vectors), and five layouts on disk (docs/formats.md has the table of which tool reads
+which file, each row backed by tests/core/test_embeddings_readers.py):
 
-| format    | SD 1.x / 2.x                                    | SDXL                                |
-|-----------|-------------------------------------------------|-------------------------------------|
-| oneword   | safetensors `{token: (K, d)}` + metadata        | safetensors `{clip_l, clip_g}`      |
-| diffusers | the same (diffusers' `load_textual_inversion`)  | the same                            |
-| a1111     | `torch.save` of the A1111 dict (`.pt`)          | the same safetensors (A1111's only) |
-| kohya     | safetensors `{"emb_params": (K, d)}` + modelspec | `{clip_l, clip_g}` + modelspec     |
+| layout    | SD 1.x / 2.x                                       | SDXL                     |
+|-----------|----------------------------------------------------|--------------------------|
+| oneword   | `{token: (K, d)}` + metadata                       | `{clip_l, clip_g}`       |
+| diffusers | the same (diffusers' `load_textual_inversion`)     | the same                 |
+| a1111     | pickle: the A1111 dict; safetensors: `{token}`     | `{clip_l, clip_g}`       |
+| kohya     | `{"emb_params": (K, d)}` + modelspec metadata      | `{clip_l, clip_g}`       |
+| comfyui   | `{"clip_l"}` (SD1) / `{"clip_h"}` (SD2)            | `{clip_l, clip_g}`       |
+
+| layout    | SD 3.x                                | FLUX.1                                        |
+|-----------|---------------------------------------|-----------------------------------------------|
+| oneword   | `{clip_l, clip_g, t5}`                | `{clip_l, t5}`                                |
+| diffusers | the same (no SD3 loader in diffusers) | the same (`load_textual_inversion` per encoder) |
+| a1111     | `{clip_l, clip_g}` (A1111 reads no T5) | refused (A1111 has no FLUX embeddings)        |
+| kohya     | refused (sd-scripts trains neither)   | refused                                       |
+| comfyui   | `{clip_l, clip_g, t5xxl}`             | `{clip_l, t5xxl}`                             |
+
+The container follows the output's name, because A1111, ComfyUI and kohya pick their
+loader by extension (`output_container`): `.safetensors` is safetensors, `.pt` and `.bin`
+are `torch.save` pickles that load under `torch.load(weights_only=True)`; other names are
+refused. Metadata (token, steps, base model) survives in safetensors and in the A1111 dict.
+
+SD 3.x and FLUX.1 keys are OneTrainer's and diffusers' FLUX training script's names; a
+file's `t5xxl` (ComfyUI's name) is read as `t5`.
 
 Reading detects the layout from the bytes, never from the file extension, and unpickles
 only with `torch.load(weights_only=True)`: an embedding file from the internet must not be
@@ -32,9 +50,15 @@ import torch
 
 from .errors import EmbeddingFileError, TokenError
 
-FORMATS = ("oneword", "diffusers", "a1111", "kohya")
-FAMILIES = ("sd1", "sd2", "sdxl")
+FORMATS = ("oneword", "diffusers", "a1111", "kohya", "comfyui")
+FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux")
 SDXL_KEYS = ("clip_l", "clip_g")  # CLIP ViT-L (text_encoder), OpenCLIP bigG (text_encoder_2)
+SD3_KEYS = ("clip_l", "clip_g", "t5")  # + T5-XXL (text_encoder_3)
+FLUX_KEYS = ("clip_l", "t5")  # CLIP ViT-L (text_encoder, pooled), T5-XXL (text_encoder_2)
+# Multi-encoder layouts by their keys, in the model's encoder order.
+KEY_LAYOUTS = {SDXL_KEYS: "sdxl", SD3_KEYS: "sd3", FLUX_KEYS: "flux"}
+ENCODER_FILE_KEYS = ("clip_l", "clip_g", "t5")
+KEY_ALIASES = {"t5xxl": "t5"}  # ComfyUI's name for the T5-XXL rows
 KOHYA_KEY = "emb_params"
 A1111_TOKEN_ID = 265  # A1111 writes this placeholder id for "*"; nothing reads it back
 # Token-embedding widths of the real models, for guessing a file's family from its shapes.
@@ -49,6 +73,25 @@ KOHYA_ARCHITECTURE = {
 KOHYA_RESOLUTION = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 DIFFUSERS_FOLDER_FILES = ("learned_embeds.safetensors", "learned_embeds.bin")
+# The container each output name gets (A1111, ComfyUI and kohya choose their loader by it).
+CONTAINERS = {
+    ".safetensors": "safetensors",  # every tool; keeps the metadata
+    ".pt": "pickle",  # torch.save, A1111's own container
+    ".bin": "pickle",  # torch.save, diffusers' learned_embeds.bin
+}
+# ComfyUI looks a file's tensor up by the key of the text encoder it is loading
+# (comfy/sd1_clip.py `load_embed(..., embed_key)`), falling back to the first tensor.
+# One key per text encoder, in the model's encoder order. Flow models extend this with
+# "sd3": ("clip_l", "clip_g", "t5xxl") and "flux": ("clip_l", "t5xxl").
+COMFYUI_KEYS = {
+    "sd1": ("clip_l",),  # CLIP ViT-L/14
+    "sd2": ("clip_h",),  # OpenCLIP ViT-H/14 (ComfyUI's SD2 reads it via its fallback)
+    "sdxl": SDXL_KEYS,
+    "sd3": ("clip_l", "clip_g", "t5xxl"),  # ComfyUI's name for T5-XXL (width 4096)
+    "flux": ("clip_l", "t5xxl"),
+}
+# Single-encoder keys the reader accepts as one whole embedding.
+SINGLE_ENCODER_KEYS = ("clip_l", "clip_h")
 
 
 @dataclass
@@ -60,8 +103,10 @@ class TokenEmbedding:
         vectors: per text encoder, fp32 (K, d): SD 1.x/2.x `[(K, 768 or 1024)]`,
             SDXL `[clip_l (K, 768), clip_g (K, 1280)]`.
         metadata: string facts (base model, method, steps, ...); empty when the file had none.
-        source_format: "oneword", "diffusers", "a1111" or "kohya" (what it was read as or built for).
+        source_format: one of `FORMATS` (what it was read as or built for).
         path: the file it was read from, if any (for error messages).
+        keys: per vector block its file key ("clip_l", "clip_g", "t5"); None means SDXL's
+            (clip_l, clip_g) for two blocks and the token itself for one.
     """
 
     token: str
@@ -69,6 +114,14 @@ class TokenEmbedding:
     metadata: dict[str, str] = field(default_factory=dict)
     source_format: str = "oneword"
     path: Path | None = None
+    keys: tuple[str, ...] | None = None
+
+    @property
+    def encoder_keys(self) -> tuple[str, ...] | None:
+        """The file keys of the vector blocks; None for a single-encoder (SD 1.x/2.x) token."""
+        if self.keys is not None and len(self.vectors) > 1:
+            return tuple(self.keys)
+        return {2: SDXL_KEYS, 3: SD3_KEYS}.get(len(self.vectors))
 
     @property
     def num_vectors(self) -> int:
@@ -80,11 +133,13 @@ class TokenEmbedding:
 
     @property
     def family_guess(self) -> str:
-        """The model family: sdxl for two encoders, else from the width (768 sd1,
-        1024 sd2), else the file's own `model_family` metadata (tiny test models), else
-        "unknown"."""
-        if len(self.vectors) == 2:
-            return "sdxl"
+        """The model family: from the keys for several encoders (sdxl, sd3, flux), else from
+        the width (768 sd1, 1024 sd2), else the file's own `model_family` metadata (tiny test
+        models), else "unknown"."""
+        if len(self.vectors) > 1:
+            family = KEY_LAYOUTS.get(self.encoder_keys, "unknown")
+            # An SD3 token exported for A1111 keeps only clip_l + clip_g.
+            return "sd3" if self.metadata.get("model_family") == "sd3" else family
         if self.widths[0] in WIDTH_FAMILY:
             return WIDTH_FAMILY[self.widths[0]]
         family = self.metadata.get("model_family", "")
@@ -151,10 +206,15 @@ def _check_embedding(emb: TokenEmbedding) -> list[torch.Tensor]:
         raise EmbeddingFileError(
             f"{where}: token {emb.token!r} must be one word without spaces, e.g. '<my-cat>'"
         )
-    if len(emb.vectors) not in (1, 2):
+    if len(emb.vectors) not in (1, 2, 3):
         raise EmbeddingFileError(
             f"{where}: has vectors for {len(emb.vectors)} text encoders; expected 1 "
-            "(SD 1.x/2.x) or 2 (SDXL: clip_l, clip_g)"
+            "(SD 1.x/2.x), 2 (SDXL: clip_l, clip_g; FLUX: clip_l, t5) or 3 (SD3: clip_l, clip_g, t5)"
+        )
+    if len(emb.vectors) > 1 and emb.encoder_keys not in KEY_LAYOUTS:
+        raise EmbeddingFileError(
+            f"{where}: keys {list(emb.keys or [])} for {len(emb.vectors)} text encoders are "
+            f"no known layout; expected one of {[list(k) for k in KEY_LAYOUTS]}"
         )
     vectors = [
         _as_vectors(v, where, f"the vectors for text encoder {i + 1}")
@@ -225,21 +285,47 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
         raise EmbeddingFileError(f"could not write {path}: {exc}") from None
 
 
-def _warn_extension(path: Path, pickled: bool) -> None:
-    # A1111 and ComfyUI choose their loader by extension, so say so when it misleads them.
-    suffix = path.suffix.lower()
-    if pickled and suffix == ".safetensors":
-        warnings.warn(
-            f"{path}: writing an A1111 .pt pickle under a .safetensors name; "
-            "A1111 and ComfyUI choose their loader by extension, name it .pt",
-            stacklevel=3,
+def output_container(path: str | os.PathLike) -> str:
+    """The container an embedding written to `path` gets, from its suffix: "safetensors" for
+    `.safetensors`, "pickle" (torch.save, zip) for `.pt` and `.bin`.
+
+    Every output (`oneword export`, `invert`, `encode`, the evaluation harness) is named
+    through this one rule, because A1111, ComfyUI and kohya choose their loader by extension:
+    a pickle under a `.safetensors` name opens in none of them.
+
+    Raises:
+        EmbeddingFileError: any other suffix (the message lists the choices).
+    """
+    path = Path(path)
+    if path.suffix not in CONTAINERS:
+        given = f"a {path.suffix!r} name" if path.suffix else "a name without a suffix"
+        raise EmbeddingFileError(
+            f"{path}: cannot write an embedding under {given}; name it .safetensors "
+            "(safetensors, read by every tool), .pt (torch pickle, A1111's own) or .bin "
+            "(torch pickle, diffusers' own)"
         )
-    elif not pickled and suffix in (".pt", ".bin", ".pth", ".ckpt"):
-        warnings.warn(
-            f"{path}: writing safetensors under a {suffix} name; A1111 and ComfyUI "
-            "choose their loader by extension, name it .safetensors",
-            stacklevel=3,
+    return CONTAINERS[path.suffix]
+
+
+def trigger_file_name(token: str) -> str:
+    """The file stem for a trigger word: A1111 and ComfyUI call an embedding by its file
+    name, so keep what both accept in a name on every OS ("<my-cat>" -> "my-cat")."""
+    # A1111's own rule (create_embedding keeps alnum and "._- "), minus the space that
+    # would split `embedding:NAME` in a ComfyUI prompt.
+    name = "".join(c for c in token if c.isalnum() or c in "._-").strip("._-")
+    if not name:
+        raise EmbeddingFileError(
+            f"token {token!r} has no letters or digits to name a file after; "
+            "give OUT as a file name, e.g. my-token.safetensors"
         )
+    return name
+
+
+def comfyui_keys(emb: TokenEmbedding) -> tuple[str, ...]:
+    """The ComfyUI key of each text encoder's vectors (`COMFYUI_KEYS`), from the family."""
+    if len(emb.vectors) > 1:
+        return COMFYUI_KEYS[KEY_LAYOUTS[emb.encoder_keys]]
+    return COMFYUI_KEYS["sd2"] if emb.family_guess == "sd2" else COMFYUI_KEYS["sd1"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -301,8 +387,8 @@ def _unrelated_keys(path: Path, keys: list[str]) -> EmbeddingFileError:
     hint = " Is it a model checkpoint or LoRA rather than an embedding?" if len(keys) > 2 else ""
     return EmbeddingFileError(
         f"{path} holds {len(keys)} unrelated keys ({shown}); an embedding file holds one "
-        f"tensor (the token, or {KOHYA_KEY!r}), {SDXL_KEYS[0]!r} + {SDXL_KEYS[1]!r}, "
-        f"or an A1111 'string_to_param' dict.{hint}"
+        f"tensor (the token, or {KOHYA_KEY!r}), clip_l + clip_g (SDXL), clip_l + clip_g + t5 "
+        f"(SD3), clip_l + t5 (FLUX), or an A1111 'string_to_param' dict.{hint}"
     )
 
 
@@ -322,7 +408,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         ) from None
     keys = [k for k in header if k != "__metadata__"]
     # Refuse big files (a whole checkpoint passed by mistake) before loading any tensor.
-    if len(keys) > 2:
+    if len(keys) > 3 or (len(keys) == 3 and not set(keys) <= {*ENCODER_FILE_KEYS, *KEY_ALIASES}):
         raise _unrelated_keys(path, keys)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
@@ -413,36 +499,48 @@ def _parse(obj, metadata: dict[str, str], path: Path, *, token: str | None) -> T
         name = obj.get("name") if isinstance(obj.get("name"), str) and obj.get("name") else None
         return TokenEmbedding(token or name or path.stem, vectors, metadata, "a1111", path)
 
-    keys = sorted(str(k) for k in obj)
-    present = [k for k in SDXL_KEYS if k in obj]
+    obj = {KEY_ALIASES.get(str(k), str(k)): v for k, v in obj.items()}
+    keys = sorted(obj)
+    present = [k for k in ENCODER_FILE_KEYS if k in obj]
     written_as = metadata.get("oneword_format")
     kohya_meta = any(k.startswith(("modelspec.", "ss_")) for k in metadata)
     stored_token = metadata.get("token") or None
-    if present and keys != sorted(SDXL_KEYS):  # 2. SDXL, which needs both encoders
-        missing = [k for k in SDXL_KEYS if k not in obj]
-        extra = [k for k in keys if k not in SDXL_KEYS]
+    if len(keys) == 1 and keys[0] in SINGLE_ENCODER_KEYS:  # 2. ComfyUI, one encoder
+        vectors = [_as_vectors(obj[keys[0]], where, repr(keys[0]))]
+        source = written_as if written_as in FORMATS else "comfyui"
+        return TokenEmbedding(token or stored_token or path.stem, vectors, metadata, source, path)
+    layout = next((k for k in KEY_LAYOUTS if sorted(k) == keys), None)
+    if present and layout is None:  # 3. SDXL / SD3 / FLUX, which need every encoder
+        # Name what is wrong against the closest layout (SDXL first on a tie).
+        closest = max(KEY_LAYOUTS, key=lambda layout: len(set(layout) & set(keys)))
+        missing = [k for k in closest if k not in obj]
+        extra = [k for k in keys if k not in closest]
         problem = f"lacks {missing[0]!r}" if missing else f"also holds {', '.join(extra)}"
         raise EmbeddingFileError(
-            f"{where}: SDXL embedding with keys {keys} {problem}; an SDXL file needs "
-            f"exactly {SDXL_KEYS[0]!r} (text_encoder, 768 wide) and {SDXL_KEYS[1]!r} (text_encoder_2, 1280 wide)"
+            f"{where}: {KEY_LAYOUTS[closest].upper()} embedding with keys {keys} {problem}; "
+            "SDXL needs exactly clip_l (text_encoder) + clip_g (text_encoder_2), SD3 "
+            "clip_l + clip_g + t5, FLUX clip_l + t5 (ComfyUI's t5xxl is read as t5)"
         )
     if present:
-        vectors = [_as_vectors(obj[k], where, repr(k)) for k in SDXL_KEYS]
-        if vectors[0].shape[0] != vectors[1].shape[0]:
+        vectors = [_as_vectors(obj[k], where, repr(k)) for k in layout]
+        counts = {k: int(v.shape[0]) for k, v in zip(layout, vectors)}
+        if len(set(counts.values())) != 1:
+            listed = ", ".join(f"{k} has {n}" for k, n in counts.items())
             raise EmbeddingFileError(
-                f"{where}: clip_l has {vectors[0].shape[0]} vectors but clip_g has "
-                f"{vectors[1].shape[0]}; both encoders need the same number K"
+                f"{where}: {listed} vectors; every encoder needs the same number K"
             )
-        guessed = "kohya" if kohya_meta else "a1111"
+        guessed = "kohya" if kohya_meta else "a1111" if layout == SDXL_KEYS else "oneword"
         source = written_as if written_as in FORMATS else guessed
-        return TokenEmbedding(token or stored_token or path.stem, vectors, metadata, source, path)
-    if keys == [KOHYA_KEY]:  # 3. kohya sd-scripts
+        return TokenEmbedding(
+            token or stored_token or path.stem, vectors, metadata, source, path, layout
+        )
+    if keys == [KOHYA_KEY]:  # 4. kohya sd-scripts
         vectors = [_as_vectors(obj[KOHYA_KEY], where, repr(KOHYA_KEY))]
         return TokenEmbedding(token or stored_token or path.stem, vectors, metadata, "kohya", path)
-    if len(keys) == 1:  # 4. diffusers / oneword: {token: (K, d)}
+    if len(keys) == 1:  # 5. diffusers / oneword: {token: (K, d)}
         ((key, value),) = obj.items()
         vectors = [_as_vectors(value, where, f"the tensor {key!r}")]
-        source = written_as if written_as in ("oneword", "diffusers") else "diffusers"
+        source = written_as if written_as in FORMATS else "diffusers"
         return TokenEmbedding(token or str(key), vectors, metadata, source, path)
     raise _unrelated_keys(path, keys)
 
@@ -489,57 +587,92 @@ def load_embedding(path: str | os.PathLike, *, token: str | None = None) -> Toke
 # Writing
 
 
+def _layout_tensors(emb: TokenEmbedding, vectors: list[torch.Tensor], format: str) -> dict:
+    """The keys `format` stores the vectors under (the table in the module docstring)."""
+    if format == "comfyui":
+        return dict(zip(comfyui_keys(emb), vectors))
+    if format == "a1111" and emb.family_guess == "sd3":
+        # A1111's SD3 path reads clip_l and clip_g and has no T5 (the prompt's T5 half
+        # then sees the word as ordinary text).
+        return dict(zip(SDXL_KEYS, vectors[:2]))
+    if len(vectors) > 1:
+        # Every tool reads SDXL as clip_l + clip_g; SD3 adds t5, FLUX is clip_l + t5.
+        return dict(zip(emb.encoder_keys, vectors))
+    if format == "kohya":
+        return {KOHYA_KEY: vectors[0]}
+    return {emb.token: vectors[0]}
+
+
+def _a1111_dict(emb: TokenEmbedding, vectors: list[torch.Tensor], metadata: dict[str, str]):
+    """A1111's own pickle (modules/textual_inversion/textual_inversion.py, Embedding.save).
+    "oneword_metadata" is ours; A1111, ComfyUI, kohya and diffusers ignore unknown keys."""
+    steps = metadata.get("steps", "0")
+    return {
+        "string_to_token": {"*": A1111_TOKEN_ID},
+        "string_to_param": {"*": vectors[0]},
+        "name": emb.token,
+        "step": int(steps) if steps.isdigit() else 0,
+        "sd_checkpoint": metadata.get("sd_checkpoint"),
+        "sd_checkpoint_name": metadata.get("sd_checkpoint_name")
+        or (Path(metadata["base_model"]).name if metadata.get("base_model") else None),
+        "oneword_metadata": metadata,
+    }
+
+
 def save_embedding(
     path: str | os.PathLike, emb: TokenEmbedding, *, format: str = "oneword"
 ) -> Path:
-    """Write `emb` in one of `FORMATS`, atomically.
+    """Write `emb` in one of `FORMATS`, atomically, in the container its name asks for.
 
     Args:
-        path: the output file; use .safetensors, or .pt for "a1111" with SD 1.x/2.x.
+        path: the output file: `.safetensors` (safetensors with metadata), `.pt` or `.bin`
+            (torch.save pickle, loadable with `torch.load(weights_only=True)`); see
+            `output_container`.
         emb: the token and its per-encoder (K, d) vectors.
-        format: "oneword"/"diffusers" (safetensors `{token: (K, d)}`, SDXL `{clip_l, clip_g}`),
-            "a1111" (torch.save'd A1111 dict; SDXL: the clip_l/clip_g safetensors) or
-            "kohya" (safetensors `{"emb_params": (K, d)}` / `{clip_l, clip_g}`, modelspec metadata).
+        format: "oneword"/"diffusers" (`{token: (K, d)}`), "a1111" (the A1111 dict in a
+            pickle; `{token: (K, d)}` in safetensors), "kohya" (`{"emb_params": (K, d)}`,
+            modelspec metadata) or "comfyui" (one key per text encoder, `COMFYUI_KEYS`).
+            SDXL is `{clip_l, clip_g}` in every layout.
 
     Returns:
         The path written.
+
+    Raises:
+        EmbeddingFileError: an unknown format or suffix, bad vectors, or a failed write.
     """
     import safetensors.torch
 
     _check_format(format)
     path = Path(path).expanduser()
+    container = output_container(path)
     vectors = _check_embedding(emb)
+    family = emb.family_guess
+    if format == "kohya" and family in ("sd3", "flux"):
+        raise EmbeddingFileError(
+            f"{_label(emb)}: kohya's sd-scripts train and read no {family} embeddings; "
+            "use --to oneword (OneTrainer and diffusers read it)"
+        )
+    if format == "a1111" and family == "flux":
+        raise EmbeddingFileError(
+            f"{_label(emb)}: AUTOMATIC1111 reads no FLUX embeddings; use --to oneword "
+            "(diffusers, OneTrainer) instead"
+        )
     metadata = _file_metadata(emb, vectors, format)
     if format == "kohya":
         metadata = _kohya_metadata(metadata)
+    if format == "a1111" and family == "sd3":
+        metadata["dropped"] = "t5"
 
-    if len(vectors) == 2:
-        tensors = dict(zip(SDXL_KEYS, vectors))  # every tool reads SDXL as clip_l + clip_g
-    elif format == "kohya":
-        tensors = {KOHYA_KEY: vectors[0]}
-    else:
-        tensors = {emb.token: vectors[0]}
-
-    if format == "a1111" and len(vectors) == 1:
-        # A1111's own layout (modules/textual_inversion/textual_inversion.py, Embedding.save).
-        # "oneword_metadata" is ours; A1111, ComfyUI and diffusers ignore unknown keys.
-        steps = metadata.get("steps", "0")
-        payload = {
-            "string_to_token": {"*": A1111_TOKEN_ID},
-            "string_to_param": {"*": vectors[0]},
-            "name": emb.token,
-            "step": int(steps) if steps.isdigit() else 0,
-            "sd_checkpoint": metadata.get("sd_checkpoint"),
-            "sd_checkpoint_name": metadata.get("sd_checkpoint_name")
-            or (Path(metadata["base_model"]).name if metadata.get("base_model") else None),
-            "oneword_metadata": metadata,
-        }
-        _warn_extension(path, pickled=True)
+    if container == "pickle":
+        if format == "a1111" and len(vectors) == 1:
+            payload = _a1111_dict(emb, vectors, metadata)
+        else:
+            # No metadata: A1111 and diffusers read a pickle only if it holds one tensor.
+            payload = _layout_tensors(emb, vectors, format)
         _atomic_write(path, lambda handle: torch.save(payload, handle))
         return path
 
-    data = safetensors.torch.save(tensors, metadata=metadata)
-    _warn_extension(path, pickled=False)
+    data = safetensors.torch.save(_layout_tensors(emb, vectors, format), metadata=metadata)
     _atomic_write(path, lambda handle: handle.write(data))
     return path
 
@@ -570,6 +703,7 @@ def save_model_token(
     """
     from .tokens import get_rows
 
+    keys = tuple(getattr(model, "encoder_keys", ())) or None
     metadata = {
         "base_model": str(model.source),
         "model_family": model.family,
@@ -585,8 +719,20 @@ def save_model_token(
         vectors=get_rows(model, placeholder),
         metadata=_string_metadata(metadata),
         source_format=format,
+        keys=keys if keys and len(keys) > 1 else None,
     )
     return save_embedding(path, emb, format=format)
+
+
+def output_path(out: str | os.PathLike, token: str) -> Path:
+    """Where an export to `out` goes: `out` itself, or `out/<trigger>.safetensors` when `out`
+    is a folder (an existing one, or a name ending in a slash), as A1111 and ComfyUI users
+    drop files into their embeddings folder and call them by file name."""
+    text = os.fspath(out)
+    path = Path(text).expanduser()
+    if path.is_dir() or text.endswith(("/", os.sep)):
+        return path / f"{trigger_file_name(token)}.safetensors"
+    return path
 
 
 def export_embedding(
@@ -596,8 +742,9 @@ def export_embedding(
 
     Args:
         src: input file (format detected from content).
-        to: output format.
-        out: output file.
+        to: output layout.
+        out: output file (.safetensors, .pt or .bin), or a folder for
+            `<trigger>.safetensors` inside it.
         token: rename the trigger word.
 
     Returns:
@@ -605,7 +752,36 @@ def export_embedding(
     """
     _check_format(to)
     emb = load_embedding(src, token=token)
-    return save_embedding(out, emb, format=to)
+    path = output_path(out, emb.token)
+    output_container(path)  # refuse a bad name before anything is written
+    return save_embedding(path, emb, format=to)
+
+
+def usage_hint(path: Path, emb: TokenEmbedding, format: str) -> str:
+    """One line: how the tool that layout `format` is named for calls the file at `path`."""
+    name = path.stem
+    if format == "comfyui":
+        return f"ComfyUI: put it in ComfyUI/models/embeddings/ and write embedding:{name}"
+    if format == "a1111":
+        return f"AUTOMATIC1111: put it in the webui's embeddings/ folder; trigger word: {name}"
+    if format == "kohya":
+        return (
+            f"kohya sd-scripts: --weights {path}; A1111 calls it {name}, ComfyUI embedding:{name}"
+        )
+    family = emb.family_guess
+    if family == "sd3":
+        return f"oneword generate --embedding {path} (diffusers' SD3 pipelines load no tokens)"
+    if family == "flux":
+        return (
+            f"diffusers: load clip_l into text_encoder and t5 into text_encoder_2 "
+            f"(oneword.embeddings.load_into_pipeline), then write {emb.token}"
+        )
+    if len(emb.vectors) == 2:
+        return (
+            f"diffusers: load clip_l into text_encoder and clip_g into text_encoder_2 "
+            f"(oneword.embeddings.load_into_pipeline), then write {emb.token}"
+        )
+    return f"diffusers: pipe.load_textual_inversion({str(path)!r}), then write {emb.token}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -621,6 +797,7 @@ def _resolve(emb_or_path, token: str | None) -> TokenEmbedding:
                 emb_or_path.metadata,
                 emb_or_path.source_format,
                 emb_or_path.path,
+                emb_or_path.keys,
             )
         return emb_or_path
     return load_embedding(emb_or_path, token=token)
@@ -658,6 +835,12 @@ def load_into_model(model, emb_or_path, *, token: str | None = None):
 
     emb = _resolve(emb_or_path, token)
     _check_widths(emb, model.widths, model.source, model.family)
+    want = tuple(getattr(model, "encoder_keys", ()))
+    if len(emb.vectors) > 1 and want and emb.encoder_keys != want:
+        raise EmbeddingFileError(
+            f"{_label(emb)} holds {'+'.join(emb.encoder_keys)} vectors but {model.source} "
+            f"({model.family}) needs {'+'.join(want)}; use an embedding made for this model family"
+        )
     return add_placeholder(
         model,
         emb.token,
@@ -674,6 +857,8 @@ def load_into_pipeline(pipe, emb_or_path, *, token: str | None = None) -> str:
     SD 1.x/2.x: one call. SDXL: one call per encoder (clip_l -> text_encoder/tokenizer,
     clip_g -> text_encoder_2/tokenizer_2), passing the K sub-token names as a list, as
     diffusers documents; multi-vector prompts then expand through `maybe_convert_prompt`.
+    FLUX.1: the same, clip_l -> text_encoder/tokenizer, t5 -> text_encoder_2/tokenizer_2.
+    SD3's pipelines have no `load_textual_inversion`; use oneword's `generate` for them.
 
     Args:
         pipe: a `StableDiffusionPipeline`, `StableDiffusionXLPipeline` or similar.
@@ -687,6 +872,11 @@ def load_into_pipeline(pipe, emb_or_path, *, token: str | None = None) -> str:
     from .tokens import sub_token_names
 
     emb = _resolve(emb_or_path, token)
+    if not hasattr(pipe, "load_textual_inversion"):
+        raise EmbeddingFileError(
+            f"{type(pipe).__name__} cannot load textual-inversion tokens (diffusers gives its "
+            "SD3 pipelines no load_textual_inversion); sample with `oneword generate` instead"
+        )
     pairs = [
         (getattr(pipe, tokenizer, None), getattr(pipe, text_encoder, None))
         for tokenizer, text_encoder in (
@@ -700,9 +890,18 @@ def load_into_pipeline(pipe, emb_or_path, *, token: str | None = None) -> str:
     if not pairs:
         raise EmbeddingFileError(f"{type(pipe).__name__} has no text encoder to load a token into")
     widths = [text_encoder.get_input_embeddings().embedding_dim for _, text_encoder in pairs]
-    family = "sdxl" if len(pairs) == 2 else detect_family({}, pairs[0][1].config.to_dict())
+    is_flux = "Flux" in type(pipe).__name__
+    if len(pairs) == 2:
+        family = "flux" if is_flux else "sdxl"
+    else:
+        family = detect_family({}, pairs[0][1].config.to_dict())
     source = getattr(getattr(pipe, "config", None), "_name_or_path", None) or type(pipe).__name__
     _check_widths(emb, widths, source, family)
+    if len(pairs) == 2 and emb.encoder_keys != (FLUX_KEYS if is_flux else SDXL_KEYS):
+        raise EmbeddingFileError(
+            f"{_label(emb)} holds {'+'.join(emb.encoder_keys)} vectors but {source} ({family}) "
+            f"needs {'+'.join(FLUX_KEYS if is_flux else SDXL_KEYS)}"
+        )
 
     names = sub_token_names(emb.token, emb.num_vectors)
     for tokenizer, _ in pairs:

@@ -1,9 +1,10 @@
-"""Load a Stable Diffusion-family model (SD 1.x, SD 2.x, SDXL) for token learning and sampling.
+"""Load a Stable Diffusion-family model for token learning and sampling: SD 1.x, SD 2.x and
+SDXL (UNet, DDPM noise) and SD 3.x and FLUX.1 (transformer, rectified flow, T5).
 
 One entry point, `load_model`, takes a local diffusers folder or a hub id and returns the
-parts that textual inversion needs: tokenizer(s), text encoder(s), UNet, VAE, the training
-noise scheduler, and the facts that change the objective (family, resolution, latent
-scaling factor, prediction type). Frozen parts are placed in bf16/fp16 on a GPU and fp32 on
+parts that textual inversion needs: tokenizer(s), text encoder(s), the denoiser (UNet or
+transformer), VAE, the training noise scheduler, and the facts that change the objective
+(family, resolution, latent scaling and shift, prediction type). Frozen parts are placed in bf16/fp16 on a GPU and fp32 on
 the CPU; the learned rows always stay fp32 (fp16 embeddings are the classic NaN source).
 """
 
@@ -20,6 +21,19 @@ import torch
 from .errors import ModelLoadError, reason
 
 DEFAULT_MODEL = "checkpoints/world"
+FLOW_FAMILIES = ("sd3", "flux")
+# The file keys of each text encoder, in the model's order (OneTrainer's and diffusers' names).
+ENCODER_KEYS = {
+    "sd1": ("clip_l",),
+    "sd2": ("clip_h",),
+    "sdxl": ("clip_l", "clip_g"),
+    "sd3": ("clip_l", "clip_g", "t5"),
+    "flux": ("clip_l", "t5"),
+}
+# The transformer class of each flow-matching family (model_index.json's "transformer").
+TRANSFORMER_FAMILY = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
+# T5 context the pipelines encode prompts with (their `max_sequence_length` default).
+T5_SEQUENCE_LENGTH = {"sd3": 256, "flux": 512}
 
 
 @dataclass
@@ -27,13 +41,18 @@ class LoadedModel:
     """A frozen diffusion model and its text side.
 
     Attributes:
-        family: "sd1", "sd2" or "sdxl".
+        family: "sd1", "sd2", "sdxl", "sd3" or "flux".
         source: the folder or hub id it came from.
-        tokenizers / text_encoders: one each (SD 1.x/2.x) or two (SDXL: CLIP-L, then OpenCLIP-bigG).
+        tokenizers / text_encoders: one each (SD 1.x/2.x), two (SDXL: CLIP-L, then
+            OpenCLIP-bigG; FLUX: CLIP-L, then T5) or three (SD3: CLIP-L, OpenCLIP-bigG, T5).
+        unet: the denoiser: a `UNet2DConditionModel`, or the SD3/FLUX transformer.
         resolution: native image side in pixels.
         scaling_factor: VAE latent scale (0.18215 for SD 1.x/2.x).
-        prediction_type: "epsilon" or "v_prediction" (the noise scheduler's target).
+        prediction_type: "epsilon", "v_prediction" or "flow_matching" (SD3, FLUX: the
+            velocity noise - x0 of rectified flow).
         dtype: dtype of the frozen parts.
+        shift_factor: VAE latent shift, latents = (z - shift) * scale (SD3, FLUX; else 0).
+        max_sequence_length: T5 tokens per prompt (SD3 256, FLUX 512); None without T5.
     """
 
     family: str
@@ -49,6 +68,18 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     extra: dict = field(default_factory=dict)
+    shift_factor: float = 0.0
+    max_sequence_length: int | None = None
+
+    @property
+    def is_flow(self) -> bool:
+        """True for the rectified-flow transformers (SD3, FLUX)."""
+        return self.family in FLOW_FAMILIES
+
+    @property
+    def encoder_keys(self) -> tuple[str, ...]:
+        """File key of each text encoder ("clip_l", "clip_g", "t5"; SD 1.x/2.x: one)."""
+        return ENCODER_KEYS[self.family]
 
     @property
     def widths(self) -> list[int]:
@@ -61,19 +92,42 @@ class LoadedModel:
 
     def describe(self) -> dict:
         """Plain facts for `oneword info` and log files."""
-        return {
+        encoders = []
+        for key, tokenizer, text_encoder, width in zip(
+            self.encoder_keys, self.tokenizers, self.text_encoders, self.widths
+        ):
+            length = self.max_sequence_length if key == "t5" else tokenizer.model_max_length
+            encoders.append(f"{key}: {type(text_encoder).__name__}, width {width}, {length} tokens")
+        facts = {
             "source": self.source,
             "family": self.family,
             "widths": self.widths,
+            "text_encoders": encoders,
+            "denoiser": type(self.unet).__name__,
             "resolution": self.resolution,
             "latent_size": self.resolution // self.vae_scale,
+            "latent_channels": int(self.vae.config.latent_channels),
             "prediction_type": self.prediction_type,
             "scaling_factor": self.scaling_factor,
             "vocab_size": self.vocab_size,
-            "unet_parameters": sum(p.numel() for p in self.unet.parameters()),
-            "device": str(self.device),
-            "dtype": str(self.dtype).replace("torch.", ""),
         }
+        parameters = sum(p.numel() for p in self.unet.parameters())
+        if self.is_flow:
+            config = self.noise_scheduler.config
+            facts["shift_factor"] = self.shift_factor
+            facts["timestep_shift"] = (
+                f"dynamic (mu {config.base_shift}..{config.max_shift} over "
+                f"{config.base_image_seq_len}..{config.max_image_seq_len} latent tokens)"
+                if config.use_dynamic_shifting
+                else f"{config.shift}"
+            )
+            facts["guidance_embeds"] = bool(getattr(self.unet.config, "guidance_embeds", False))
+            facts["transformer_parameters"] = parameters
+        else:
+            facts["unet_parameters"] = parameters
+        facts["device"] = str(self.device)
+        facts["dtype"] = str(self.dtype).replace("torch.", "")
+        return facts
 
     @property
     def vae_scale(self) -> int:
@@ -97,8 +151,16 @@ def frozen_dtype(device: torch.device, precision: str | None = None) -> torch.dt
 
 
 def detect_family(index: dict, text_config: dict) -> str:
-    """SDXL if a second text encoder exists; SD 2.x if its text tower is OpenCLIP's
-    (width 1024 or gelu activation); otherwise SD 1.x."""
+    """SD3 or FLUX from the transformer's class; SDXL if a second text encoder exists; SD 2.x
+    if its text tower is OpenCLIP's (width 1024 or gelu activation); otherwise SD 1.x."""
+    transformer = index.get("transformer")
+    if isinstance(transformer, list) and len(transformer) == 2 and transformer[1] is not None:
+        if transformer[1] not in TRANSFORMER_FAMILY:
+            raise ModelLoadError(
+                f"unsupported denoiser {transformer[1]!r} in model_index.json; oneword knows "
+                f"UNet2DConditionModel and {', '.join(TRANSFORMER_FAMILY)}"
+            )
+        return TRANSFORMER_FAMILY[transformer[1]]
     if index.get("text_encoder_2") and index["text_encoder_2"][0] is not None:
         return "sdxl"
     if text_config.get("hidden_size") == 1024 or text_config.get("hidden_act") == "gelu":
@@ -131,7 +193,7 @@ def _resolve(source: str, local_files_only: bool) -> Path:
             snapshot_download(
                 source,
                 local_files_only=offline,
-                allow_patterns=["*.json", "*.txt", "*.safetensors", "tokenizer*/*"],
+                allow_patterns=["*.json", "*.txt", "*.model", "*.safetensors", "tokenizer*/*"],
                 ignore_patterns=["*.fp16.safetensors", "*non_ema*", "*.ckpt", "*.bin"],
             )
         )
@@ -189,6 +251,8 @@ def load_model(
         except Exception as exc:
             raise ModelLoadError(f"{folder / sub}: cannot load ({reason(exc)})") from None
 
+    if family in FLOW_FAMILIES:
+        return _load_flow_model(folder, str(source), family, index, part, device, dtype)
     tokenizers = [part(CLIPTokenizer, "tokenizer", model_max_length=77)]
     text_encoders = [part(CLIPTextModel, "text_encoder", torch_dtype=dtype)]
     if family == "sdxl":
@@ -215,4 +279,76 @@ def load_model(
         device=device,
         dtype=dtype,
         extra={"folder": str(folder), "index": index},
+    )
+
+
+def _load_flow_model(folder: Path, source: str, family: str, index: dict, part, device, dtype):
+    """SD3 (CLIP-L, OpenCLIP-bigG, T5, MMDiT) or FLUX.1 (CLIP-L pooled, T5, guidance)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from transformers import (
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        T5EncoderModel,
+        T5TokenizerFast,
+    )
+
+    t5_index = "text_encoder_3" if family == "sd3" else "text_encoder_2"
+    if not (isinstance(index.get(t5_index), list) and index[t5_index][0] is not None):
+        raise ModelLoadError(
+            f"{folder}: this {family} folder has no T5 text encoder ({t5_index} is empty in "
+            "model_index.json); oneword needs every text encoder of the model"
+        )
+    if family == "sd3":
+        from diffusers import SD3Transformer2DModel as Transformer
+
+        tokenizers = [
+            part(CLIPTokenizer, "tokenizer", model_max_length=77),
+            part(CLIPTokenizer, "tokenizer_2", model_max_length=77),
+            part(T5TokenizerFast, "tokenizer_3"),
+        ]
+        text_encoders = [
+            part(CLIPTextModelWithProjection, "text_encoder", torch_dtype=dtype),
+            part(CLIPTextModelWithProjection, "text_encoder_2", torch_dtype=dtype),
+            part(T5EncoderModel, "text_encoder_3", torch_dtype=dtype),
+        ]
+    else:
+        from diffusers import FluxTransformer2DModel as Transformer
+
+        tokenizers = [
+            part(CLIPTokenizer, "tokenizer", model_max_length=77),
+            part(T5TokenizerFast, "tokenizer_2"),
+        ]
+        text_encoders = [
+            part(CLIPTextModel, "text_encoder", torch_dtype=dtype),
+            part(T5EncoderModel, "text_encoder_2", torch_dtype=dtype),
+        ]
+    transformer = part(Transformer, "transformer", torch_dtype=dtype)
+    vae = part(AutoencoderKL, "vae", torch_dtype=dtype)
+    noise_scheduler = part(FlowMatchEulerDiscreteScheduler, "scheduler")
+    for module in [*text_encoders, transformer, vae]:
+        module.requires_grad_(False).eval().to(device)
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    # SD3's transformer config states its latent side; FluxPipeline assumes 128 (1024 px),
+    # which the tiny FLUX model overrides with a private model_index.json key.
+    sample_size = int(
+        getattr(transformer.config, "sample_size", None) or index.get("_oneword_sample_size") or 128
+    )
+    max_length = min(T5_SEQUENCE_LENGTH[family], tokenizers[-1].model_max_length)
+    return LoadedModel(
+        family=family,
+        source=source,
+        tokenizers=tokenizers,
+        text_encoders=text_encoders,
+        unet=transformer,
+        vae=vae,
+        noise_scheduler=noise_scheduler,
+        resolution=sample_size * vae_scale,
+        scaling_factor=float(vae.config.scaling_factor),
+        prediction_type="flow_matching",
+        device=device,
+        dtype=dtype,
+        extra={"folder": str(folder), "index": index},
+        shift_factor=float(getattr(vae.config, "shift_factor", None) or 0.0),
+        max_sequence_length=max_length,
     )

@@ -3,7 +3,9 @@
 A token learned with these embeddings means the same thing at sampling time: SD 1.x/2.x
 use the last hidden state of the text encoder; SDXL concatenates the penultimate hidden
 states of both encoders and conditions the UNet on the second encoder's pooled projection
-plus the six "add_time_ids".
+plus the six "add_time_ids". SD3 conditions on CLIP-L and CLIP-G penultimate states
+(zero-padded to T5's width) followed by T5's, plus both pooled projections; FLUX.1 on T5's
+states and CLIP-L's pooled output.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from einops import repeat
 
 from .tokenizer import tokenize
@@ -25,11 +28,31 @@ class PromptEmbeddings:
 
     Attributes:
         hidden: (b, n, d) token features (SDXL: both encoders concatenated, d = d1 + d2).
-        pooled: (b, p) pooled projection of the last encoder (SDXL only), else None.
+        pooled: (b, p) pooled projection (SDXL: the last encoder's; SD3: both CLIPs'
+            concatenated; FLUX: CLIP-L's pooled output), else None.
     """
 
     hidden: torch.Tensor
     pooled: torch.Tensor | None = None
+
+
+def _encode_flow_prompts(model, prompts: Sequence[str]) -> PromptEmbeddings:
+    """SD3 / FLUX prompt features exactly as their diffusers pipelines compute them."""
+    *clips, t5 = zip(model.tokenizers, model.text_encoders)
+    t5_ids = tokenize(t5[0], prompts, model.device, model.max_sequence_length)
+    t5_hidden = t5[1](t5_ids).last_hidden_state  # (b, n_t5, d_t5)
+    if model.family == "flux":
+        ids = tokenize(clips[0][0], prompts, model.device)
+        pooled = clips[0][1](ids).pooler_output  # (b, d_clip_l): CLIP-L's pooled output only
+        return PromptEmbeddings(t5_hidden, pooled)
+    hidden, pooled = [], []
+    for tokenizer, text_encoder in clips:
+        output = text_encoder(tokenize(tokenizer, prompts, model.device), output_hidden_states=True)
+        hidden.append(output.hidden_states[-2])  # (b, 77, d_i), penultimate as in SD3
+        pooled.append(output.text_embeds)  # (b, p_i)
+    clip_hidden = torch.cat(hidden, dim=-1)  # (b, 77, d_l + d_g)
+    clip_hidden = F.pad(clip_hidden, (0, t5_hidden.shape[-1] - clip_hidden.shape[-1]))
+    return PromptEmbeddings(torch.cat([clip_hidden, t5_hidden], dim=-2), torch.cat(pooled, -1))
 
 
 def encode_prompts(model, prompts: Sequence[str]) -> PromptEmbeddings:
@@ -40,8 +63,11 @@ def encode_prompts(model, prompts: Sequence[str]) -> PromptEmbeddings:
         prompts: b prompts.
 
     Returns:
-        `PromptEmbeddings` with hidden (b, 77, d) in the text encoder's dtype.
+        `PromptEmbeddings` with hidden (b, 77, d) in the text encoder's dtype (SD3:
+        (b, 77 + n_t5, d_t5); FLUX: (b, n_t5, d_t5)) and pooled (b, p) for SDXL, SD3, FLUX.
     """
+    if model.is_flow:
+        return _encode_flow_prompts(model, prompts)
     if model.family != "sdxl":
         ids = tokenize(model.tokenizers[0], prompts, model.device)
         return PromptEmbeddings(model.text_encoders[0](ids).last_hidden_state)

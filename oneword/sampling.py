@@ -1,7 +1,8 @@
 """Sample images from a `LoadedModel`, learned placeholder tokens included.
 
 `make_pipeline` wraps the model's own modules (no copies) in a diffusers
-`StableDiffusionPipeline` / `StableDiffusionXLPipeline`; `generate` encodes the prompts
+`StableDiffusionPipeline` / `StableDiffusionXLPipeline` / `StableDiffusion3Pipeline` /
+`FluxPipeline`; `generate` encodes the prompts
 with the same code that training uses (`oneword.prompts.encode_prompts`,
 multi-vector tokens expanded with `expand_prompt`) and passes the embeddings to the
 pipeline, so a token means at sampling time exactly what it meant during training.
@@ -35,13 +36,30 @@ def make_pipeline(model, scheduler: str = "ddim"):
             training schedule.
 
     Returns:
-        `StableDiffusionPipeline` (sd1, sd2) or `StableDiffusionXLPipeline` (sdxl), progress
-        bar off.
+        `StableDiffusionPipeline` (sd1, sd2), `StableDiffusionXLPipeline` (sdxl),
+        `StableDiffusion3Pipeline` (sd3) or `FluxPipeline` (flux), progress bar off. SD3 and
+        FLUX always sample with their own flow-matching Euler scheduler.
     """
     import diffusers
 
     if scheduler not in SCHEDULERS:
         raise OnewordError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {scheduler!r}")
+    if getattr(model, "is_flow", False):
+        sampler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(
+            model.noise_scheduler.config
+        )
+        encoders = dict(
+            zip(("text_encoder", "text_encoder_2", "text_encoder_3"), model.text_encoders)
+        )
+        tokenizers = dict(zip(("tokenizer", "tokenizer_2", "tokenizer_3"), model.tokenizers))
+        cls = (
+            diffusers.FluxPipeline if model.family == "flux" else diffusers.StableDiffusion3Pipeline
+        )
+        pipe = cls(
+            vae=model.vae, transformer=model.unet, scheduler=sampler, **encoders, **tokenizers
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     sampler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(model.noise_scheduler.config)
     if model.family == "sdxl":
         index = model.extra.get("index", {}) if isinstance(model.extra, dict) else {}
@@ -100,6 +118,7 @@ def generate(
         guidance: classifier-free guidance scale (1 = off).
         seed: seed of the first image of each prompt.
         negative_prompt: the unconditional prompt (default: empty; SDXL zeros, as diffusers).
+            FLUX.1 has no unconditional pass: `guidance` feeds its guidance embedding.
         scheduler: see `make_pipeline`.
         pipeline: reuse a pipeline from `make_pipeline`.
         progress: show a progress bar over every prompt's denoising steps.
@@ -133,9 +152,17 @@ def generate(
     for prompt in prompts:
         embeds = encode_prompts(model, [expand_prompt(prompt, placeholders)])  # (1, n, d)
         kwargs = {"prompt_embeds": embeds.hidden, "negative_prompt_embeds": negative.hidden}
-        if model.family == "sdxl":
+        if model.family == "flux":
+            kwargs = {"prompt_embeds": embeds.hidden, "pooled_prompt_embeds": embeds.pooled}
+        elif model.family in ("sdxl", "sd3"):
             kwargs["pooled_prompt_embeds"] = embeds.pooled
             kwargs["negative_pooled_prompt_embeds"] = negative.pooled
+        per_prompt = num_per_prompt
+        if getattr(model, "is_flow", False):
+            # The SD3 and FLUX pipelines do not repeat given prompt embeddings for
+            # num_images_per_prompt; repeat them here, one row per image.
+            kwargs = {key: value.repeat_interleave(per_prompt, 0) for key, value in kwargs.items()}
+            per_prompt = 1
         generators = [torch.Generator().manual_seed(seed + j) for j in range(num_per_prompt)]
         # The pipelines cast prompt embeddings and latents to `text_encoder.dtype`, which is
         # fp32 once a PlaceholderEmbedding (fp32 rows, listed first) is installed; in a
@@ -144,7 +171,7 @@ def generate(
         with torch.autocast(model.device.type, dtype=model.dtype, enabled=half):
             result = pipe(
                 **kwargs,
-                num_images_per_prompt=num_per_prompt,
+                num_images_per_prompt=per_prompt,
                 num_inference_steps=steps,
                 guidance_scale=guidance,
                 generator=generators,

@@ -103,13 +103,71 @@ def load_clip_tokenizer(folder: str | os.PathLike):
     return CLIPTokenizer.from_pretrained(str(folder), model_max_length=MODEL_MAX_LENGTH)
 
 
-def tokenize(tokenizer, captions: Sequence[str], device) -> torch.Tensor:
-    """Captions -> (b, 77) input ids on `device`, exactly as diffusers' SD pipelines make them:
-    padded to the tokenizer's max length, truncated, no attention mask."""
+def tokenize(
+    tokenizer, captions: Sequence[str], device, max_length: int | None = None
+) -> torch.Tensor:
+    """Captions -> (b, n) input ids on `device`, exactly as diffusers' pipelines make them:
+    padded to `max_length` (default: the tokenizer's context, 77 for CLIP; T5 gets the
+    pipelines' `max_sequence_length`, at most 512), truncated, no attention mask."""
     return tokenizer(
         list(captions),
         padding="max_length",
-        max_length=tokenizer.model_max_length,
+        max_length=max_length or tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
     ).input_ids.to(device)
+
+
+# --- T5 (SentencePiece) -------------------------------------------------------------------
+
+T5_MAX_LENGTH = 512  # T5-XXL's context in SD3 and FLUX.1 (FluxPipeline refuses more)
+
+
+def _t5_corpus(num_words: int) -> list[str]:
+    # English word pieces for the trainer: the whole words of CLIP's BPE vocabulary, in merge
+    # order (most frequent first), so the tiny vocabulary covers the words prompts use.
+    vocab, _ = clip_vocab_and_merges()
+    words = [w[: -len("</w>")] for w in vocab if w.endswith("</w>") and w[:-4].isalpha()]
+    words = words[:num_words]
+    return [" ".join(words[i : i + 12]) for i in range(0, len(words), 12)]
+
+
+def write_t5_tokenizer(folder: str | os.PathLike, *, vocab_size: int = 1000) -> Path:
+    """Train a small SentencePiece unigram vocabulary and write a `T5TokenizerFast` folder.
+
+    Real T5-XXL uses a 32,100-piece SentencePiece model that is not reachable offline; this
+    one is trained on the fly (deterministic: fixed corpus, one thread) with the same special
+    pieces (`<pad>` 0, `</s>` 1, `<unk>` 2) and no `<extra_id_*>` tokens, which the
+    diffusion pipelines never use.
+
+    Args:
+        folder: output folder (created): tokenizer.json + tokenizer_config.json.
+        vocab_size: number of pieces.
+
+    Returns:
+        The folder; load it with `T5TokenizerFast.from_pretrained(folder)`.
+    """
+    import io
+
+    import sentencepiece as spm
+    from transformers import T5TokenizerFast
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_t5_corpus(6000)),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    pieces = [(processor.id_to_piece(i), processor.get_score(i)) for i in range(vocab_size)]
+    tokenizer = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=T5_MAX_LENGTH)
+    folder = Path(folder)
+    tokenizer.save_pretrained(str(folder))
+    return folder

@@ -30,12 +30,18 @@ class _NewRows(nn.Module):
 
 
 class PlaceholderEmbedding(nn.Module):
-    """A frozen `nn.Embedding` plus trainable fp32 rows for ids >= its vocabulary size."""
+    """A frozen `nn.Embedding` plus trainable fp32 rows for ids >= its vocabulary size.
 
-    def __init__(self, base: nn.Embedding):
+    `vocab_size` is the tokenizer's length when the matrix has more rows than the tokenizer
+    has entries (T5-XXL: 32,100 pieces, 32,128 rows): new tokens get ids from
+    len(tokenizer) on, as in diffusers' `load_textual_inversion`, so the unused padding rows
+    are never read.
+    """
+
+    def __init__(self, base: nn.Embedding, vocab_size: int | None = None):
         super().__init__()
         self.base = base
-        self.base_vocab = base.num_embeddings
+        self.base_vocab = min(vocab_size or base.num_embeddings, base.num_embeddings)
         # The new rows live in a child registered after `base`, so the text encoder's first
         # parameter (what `.dtype` reports and diffusers casts prompts to) stays a frozen one.
         self.new = _NewRows(torch.zeros(0, base.embedding_dim, device=base.weight.device))
@@ -56,7 +62,8 @@ class PlaceholderEmbedding(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The full matrix (base rows, then the new ones), as a plain tensor."""
-        return torch.cat([self.base.weight, self.rows.detach().to(self.base.weight.dtype)])
+        base = self.base.weight[: self.base_vocab]
+        return torch.cat([base, self.rows.detach().to(base.dtype)])
 
     def append(self, rows: torch.Tensor) -> list[int]:
         """Add rows (k, d); returns their ids."""
@@ -98,11 +105,17 @@ class Placeholder:
         return len(self.names)
 
 
-def placeholder_embedding(text_encoder) -> PlaceholderEmbedding:
-    """The text encoder's `PlaceholderEmbedding`, installed on first use."""
+def placeholder_embedding(text_encoder, vocab_size: int | None = None) -> PlaceholderEmbedding:
+    """The text encoder's `PlaceholderEmbedding`, installed on first use.
+
+    Args:
+        text_encoder: a transformers text model (CLIP or T5).
+        vocab_size: the tokenizer's length, where it is below the number of rows (T5); used
+            only when installing.
+    """
     module = text_encoder.get_input_embeddings()
     if not isinstance(module, PlaceholderEmbedding):
-        module = PlaceholderEmbedding(module)
+        module = PlaceholderEmbedding(module, vocab_size)
         text_encoder.set_input_embeddings(module)
     return module
 
@@ -123,7 +136,7 @@ def initial_rows(tokenizer, text_encoder, init_text: str, num_vectors: int) -> t
         raise TokenError(
             f"initializer text {init_text!r} has no tokens; pass a word such as the concept's class ('dog')"
         )
-    table = placeholder_embedding(text_encoder)
+    table = placeholder_embedding(text_encoder, len(tokenizer))
     if any(i >= table.num_embeddings for i in ids):
         raise TokenError(
             f"initializer text {init_text!r} uses a token this text encoder has no row for"
@@ -172,14 +185,20 @@ def add_placeholder(
     for tokenizer in model.tokenizers:
         vocab = tokenizer.get_vocab()
         for name in names:
-            if name in vocab or name.lower() in vocab or f"{name.lower()}</w>" in vocab:
+            # CLIP BPE spells a word "name</w>", SentencePiece "▁name".
+            spellings = (name, name.lower(), f"{name.lower()}</w>", f"\u2581{name}")
+            if any(spelling in vocab for spelling in spellings):
                 raise TokenError(
                     f"token {name!r} already exists in the tokenizer's vocabulary; "
                     "pick a new string such as '<my-concept>' (or load a different model)"
                 )
     ids_per_encoder, rows_per_encoder = [], []
     for index, (tokenizer, text_encoder) in enumerate(zip(model.tokenizers, model.text_encoders)):
-        table = placeholder_embedding(text_encoder)
+        table = placeholder_embedding(text_encoder, len(tokenizer))
+        if table.rows.shape[0] == 0 and len(tokenizer) < table.base_vocab:
+            # Installed before the tokenizer was known (e.g. by `trainable_rows`): new ids
+            # start at len(tokenizer), below T5's padding rows, which are never read.
+            table.base_vocab = len(tokenizer)
         if init_rows is not None:
             rows = init_rows[index].detach().float()
             if tuple(rows.shape) != (num_vectors, table.embedding_dim):
@@ -205,6 +224,8 @@ def add_placeholder(
                 f"token {token!r} could not be added as {num_vectors} new id(s) "
                 f"(tokenizer {index} has {len(tokenizer)} entries, embedding {table.num_embeddings} rows)"
             )
+        # An added token is matched before BPE or SentencePiece runs, so even a T5 token
+        # that the vocabulary would split into pieces is one id.
         for name, expected in zip(names, ids):
             if tokenizer(name, add_special_tokens=False).input_ids != [expected]:
                 raise TokenError(

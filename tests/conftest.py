@@ -63,6 +63,18 @@ def tiny_world_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    """A tiny SD3 diffusers folder (CLIP-L 32, CLIP-G 48, T5 96; MMDiT; flow matching)."""
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd3", "sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory):
+    """A tiny FLUX.1 diffusers folder (CLIP-L 32 pooled, T5 64; guidance embedding)."""
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "flux", "flux")
+
+
+@pytest.fixture(scope="session")
 def tiny_clip_vision_dir(tmp_path_factory) -> Path:
     """A tiny random transformers CLIP vision tower folder (width 32, 2 layers, 32 px,
     8-px patches: 17 tokens, projection 24), as `transformers:FOLDER` towers load."""

@@ -26,7 +26,10 @@ examples:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="oneword",
-        description="Turn a few images of a concept into a new word for Stable Diffusion (1.x, 2.x, XL).",
+        description=(
+            "Turn a few images of a concept into a new word for Stable Diffusion "
+            "(1.x, 2.x, XL, 3.x) and FLUX.1."
+        ),
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

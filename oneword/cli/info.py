@@ -32,6 +32,9 @@ def run_info(args) -> int:
     if args.json:
         print(json.dumps(facts, indent=2))
     else:
+        side = max(len(key) for key in facts)
         for key, value in facts.items():
-            print(f"{key:>16}: {value}")
+            if isinstance(value, list) and value and isinstance(value[0], str):
+                value = "; ".join(value)  # the text encoders, one clause each
+            print(f"{key:>{side}}: {value}")
     return 0

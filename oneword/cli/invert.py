@@ -14,7 +14,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from ..errors import OnewordError
-from ..inversion.invert import ConceptSpec, InversionConfig
+from ..inversion.invert import ENCODER_CHOICES, ConceptSpec, InversionConfig
 from .common import add_image_limit_flags, add_model_argument, apply_image_limits
 from .config import add_config_flags, config_from_flags
 
@@ -70,6 +70,11 @@ def add_invert_parser(subparsers) -> argparse.ArgumentParser:
         "lr": {"help": f"Adam learning rate (default {defaults.lr})"},
         "batch": {"help": f"images per step and concept (default {defaults.batch})"},
         "vectors": {"help": f"vectors K per token (default {defaults.vectors})"},
+        "encoders": {
+            "choices": list(ENCODER_CHOICES),
+            "help": "text encoders that learn the token, SD3/FLUX (default all; others keep "
+            "the init)",
+        },
         "templates": {"help": "object, style, or a file with one template per line ({} = token)"},
         "seed": {"help": f"seed (default {defaults.seed})"},
         "clip_weight": {"help": "weight of the CLIP identity loss (default 0 = off)"},
@@ -97,7 +102,7 @@ def add_invert_parser(subparsers) -> argparse.ArgumentParser:
     def config_flags(*names: str) -> None:
         add_config_flags(parser, InversionConfig, names, overrides=flags)
 
-    config_flags("steps", "lr", "batch", "vectors", "templates", "seed")
+    config_flags("steps", "lr", "batch", "vectors", "encoders", "templates", "seed")
     add("--resume", action="store_true", help="continue from OUT/checkpoints (must exist)")
     add("--warm-start", type=Path, help="start from the rows of this embedding file")
     config_flags("clip_weight", "clip_model", "l2_weight", "augment", "early_stop", "patience")

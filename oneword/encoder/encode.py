@@ -286,10 +286,10 @@ class LossCheck:
             templates[i] for i in torch.randint(len(templates), (draws,), generator=generator)
         ]
         sample = torch.randn((draws, *mean.shape[1:]), generator=generator).to(model.device)
-        self.latents = (mean[chosen] + std[chosen] * sample) * model.scaling_factor  # (D, 4, h, w)
-        num_timesteps = model.noise_scheduler.config.num_train_timesteps
-        self.timesteps = torch.randint(num_timesteps, (draws,), generator=generator)
-        self.timesteps = self.timesteps.to(model.device)
+        from ..inversion.objective import draw_timesteps, scale_latents
+
+        self.latents = scale_latents(model, mean[chosen] + std[chosen] * sample)  # (D, c, h, w)
+        self.timesteps = draw_timesteps(model, draws, generator).to(model.device)
         self.noise = torch.randn(self.latents.shape, generator=generator).to(model.device)
         self.class_loss = self._mean_loss([fill(t, class_word) for t in self.templates])
 

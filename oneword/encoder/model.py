@@ -84,8 +84,10 @@ class EncoderConfig:
             raise OnewordError(f"encoder dim {self.dim} is not divisible by heads {self.heads}")
         if not self.widths or any(w < 1 for w in self.widths):
             raise OnewordError(f"encoder widths must be positive, got {self.widths}")
-        if self.family not in ("sd1", "sd2", "sdxl"):
-            raise OnewordError(f"encoder family must be sd1, sd2 or sdxl, got {self.family!r}")
+        if self.family not in ("sd1", "sd2", "sdxl", "sd3", "flux"):
+            raise OnewordError(
+                f"encoder family must be sd1, sd2, sdxl, sd3 or flux, got {self.family!r}"
+            )
         if not (self.offset_scale > 0 and math.isfinite(self.offset_scale)):
             raise OnewordError(f"offset scale must be a positive number, got {self.offset_scale}")
 
@@ -480,7 +482,8 @@ def encode_concept(
     }
     if getattr(encoder, "source", None):
         metadata["encoder"] = encoder.source
-    return TokenEmbedding(token, vectors, metadata)
+    keys = tuple(getattr(model, "encoder_keys", ()))
+    return TokenEmbedding(token, vectors, metadata, keys=keys if len(keys) > 1 else None)
 
 
 __all__ = [

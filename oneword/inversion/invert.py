@@ -48,12 +48,15 @@ from .objective import (
     decode_latents,
     default_clip_model,
     denoising_loss,
+    draw_timesteps,
     encode_prompts,
     predict_x0,
+    scale_latents,
 )
 from .templates import OBJECT_SAMPLE_PROMPTS, STYLE_SAMPLE_PROMPTS, fill, load_templates
 
 log = logging.getLogger("oneword.inversion")
+ENCODER_CHOICES = ("all", "clip", "t5")
 
 
 @dataclass
@@ -73,6 +76,11 @@ class InversionConfig:
     batch: int = 4
     # K vectors for the token (the paper: 1; more vectors fit more detail, edit worse).
     vectors: int = 1
+    # Which text encoders learn the token: "all", "clip" (CLIP-L/G only) or "t5" (SD3 and
+    # FLUX). The others still get the token as one new id, frozen at the initializer's rows,
+    # so every encoder reads the word the same way at sampling time. "all" measured best on
+    # the tiny SD3 and FLUX checks (docs/models.md).
+    encoders: str = "all"
     # "object", "style" or a file with one template per line (see templates.py).
     templates: str = "object"
     # "a photo of a S* dog" instead of "a photo of a S*": ties the token to its class.
@@ -120,6 +128,10 @@ class InversionConfig:
             raise OnewordError(f"--lr must be a positive number, got {self.lr!r}")
         if self.clip_weight < 0 or self.l2_weight < 0:
             raise OnewordError("--clip-weight and --l2-weight must be >= 0")
+        if self.encoders not in ENCODER_CHOICES:
+            raise OnewordError(
+                f"--encoders must be one of {', '.join(ENCODER_CHOICES)}, got {self.encoders!r}"
+            )
         if self.precision not in (None, "bf16", "fp16", "fp32"):
             raise OnewordError(f"--precision must be bf16, fp16 or fp32, got {self.precision!r}")
 
@@ -127,8 +139,24 @@ class InversionConfig:
 # Settings a resumed run must share with the run it continues (steps may grow).
 _RESUME_KEYS = (
     "lr", "batch", "vectors", "templates", "class_word_cue", "seed", "clip_weight",
-    "l2_weight", "augment", "early_stop", "patience", "min_delta", "ema_beta",
+    "l2_weight", "augment", "early_stop", "patience", "min_delta", "ema_beta", "encoders",
 )  # fmt: skip
+
+
+def trained_encoders(model, which: str = "all") -> list[bool]:
+    """Per text encoder of `model`, whether `which` ("all", "clip", "t5") trains its rows.
+
+    Raises:
+        OnewordError: `which` selects no encoder of this model (e.g. "t5" on SDXL).
+    """
+    keys = getattr(model, "encoder_keys", None) or ("clip",) * len(model.text_encoders)
+    mask = [which == "all" or key.startswith(which) for key in keys]
+    if not any(mask):
+        raise OnewordError(
+            f"--encoders {which}: {model.source} ({model.family}) has no such text encoder "
+            f"(it has {', '.join(keys)}); use --encoders all"
+        )
+    return mask
 
 
 @dataclass
@@ -420,7 +448,12 @@ def _prepare(
         pixels=pixels,
         templates=templates,
         generator=torch.Generator().manual_seed(seed),
-        leaves=[rows.clone().requires_grad_(True) for rows in get_rows(model, placeholder)],
+        leaves=[
+            rows.clone().requires_grad_(trained)
+            for rows, trained in zip(
+                get_rows(model, placeholder), trained_encoders(model, config.encoders)
+            )
+        ],
         init_rows=[rows.to(model.device) for rows in placeholder.init_rows],
     )
     if not config.augment:
@@ -440,7 +473,8 @@ def _draw(model, concept: _Concept, config: InversionConfig):
     """One concept's share of a step, drawn from its generator in a fixed order.
 
     Returns:
-        latents (b, 4, h, w) fp32 scaled, prompts (b), noise (b, 4, h, w), timesteps (b,).
+        latents (b, c, h, w) fp32 scaled, prompts (b), noise (b, c, h, w), timesteps (b,)
+        (int64, or fp32 sigmas for flow models).
     """
     generator, batch, device = concept.generator, config.batch, model.device
     if concept.latent_mean is not None:
@@ -457,9 +491,8 @@ def _draw(model, concept: _Concept, config: InversionConfig):
         for i in template_ids
     ]
     posterior_noise = torch.randn(mean.shape, generator=generator).to(device)
-    latents = (mean + std * posterior_noise) * model.scaling_factor  # (b, 4, h, w)
-    num_timesteps = model.noise_scheduler.config.num_train_timesteps
-    timesteps = torch.randint(num_timesteps, (batch,), generator=generator).to(device)
+    latents = scale_latents(model, mean + std * posterior_noise)  # (b, c, h, w)
+    timesteps = draw_timesteps(model, batch, generator).to(device)
     noise = torch.randn(mean.shape, generator=generator).to(device)
     return latents, prompts, noise, timesteps
 
@@ -581,7 +614,14 @@ def _train(
     # 1. The optimizer sees exactly these placeholders' rows: one leaf per concept and text
     # encoder, written into the shared `rows` parameter before each forward. Rows of other
     # placeholders in the model are never written and carry no optimizer state.
-    optimizer = torch.optim.Adam([leaf for c in concepts for leaf in c.leaves], lr=config.lr)
+    # Encoders left out by --encoders keep their rows at the initializer: no gradient flows
+    # into them (for T5 that also saves its backward pass) and Adam never sees them.
+    trained = trained_encoders(model, config.encoders)
+    for text_encoder, train in zip(model.text_encoders, trained):
+        placeholder_embedding(text_encoder).rows.requires_grad_(train)
+    optimizer = torch.optim.Adam(
+        [leaf for c in concepts for leaf in c.leaves if leaf.requires_grad], lr=config.lr
+    )
     stats = {
         "unet_forward_passes": 0,
         "unet_samples": 0,
@@ -649,12 +689,14 @@ def _train(
         for j, (concept, objective) in enumerate(zip(active, objectives)):
             value = objective.item()
             grads = [
-                placeholder_embedding(te).rows.grad[offsets].clone()
-                for te, offsets in zip(
-                    model.text_encoders, _row_offsets(model, concept.placeholder)
+                placeholder_embedding(te).rows.grad[offsets].clone() if train else None
+                for te, offsets, train in zip(
+                    model.text_encoders, _row_offsets(model, concept.placeholder), trained
                 )
-            ]  # per encoder (K, d)
-            finite = math.isfinite(value) and all(bool(torch.isfinite(g).all()) for g in grads)
+            ]  # per trained encoder (K, d)
+            finite = math.isfinite(value) and all(
+                bool(torch.isfinite(g).all()) for g in grads if g is not None
+            )
             # 6. Skip (counted, warned) a non-finite loss or gradient; abort after N in a row.
             for leaf, grad in zip(concept.leaves, grads):
                 leaf.grad = grad if finite else None  # Adam leaves a None-grad leaf untouched
@@ -716,6 +758,8 @@ def _train(
     bar.close()
     for concept in concepts:
         set_rows(model, concept.placeholder, concept.leaves)
+    for text_encoder in model.text_encoders:
+        placeholder_embedding(text_encoder).rows.requires_grad_(True)
     stats["seconds_total"] += time.perf_counter() - started
     if checkpoint_dir is not None and last_saved != step:
         _save(checkpoint_dir, step, concepts, optimizer, config, stats, model)

@@ -76,7 +76,8 @@ def test_save_load_round_trip(tmp_path, format, num_vectors, family):
 def test_file_layouts_are_what_other_tools_read(tmp_path):
     sd1, sdxl = make_embedding([768], 2), make_embedding([768, 1280], 2)
     for format in ("oneword", "diffusers"):
-        tensors = safetensors.torch.load_file(save_embedding(tmp_path / "a", sd1, format=format))
+        path = save_embedding(tmp_path / "a.safetensors", sd1, format=format)
+        tensors = safetensors.torch.load_file(path)
         assert list(tensors) == ["<tok>"] and tensors["<tok>"].shape == (2, 768)
     kohya = tmp_path / "k.safetensors"
     save_embedding(kohya, sd1, format="kohya")
@@ -125,20 +126,21 @@ def test_reads_old_diffusers_bin_bare_tensor_and_folder(tmp_path):
 
 def test_format_detected_by_content_not_extension(tmp_path):
     sd1 = make_embedding([768], 3)
-    with pytest.warns(UserWarning, match="name it .pt"):
-        pickled = save_embedding(tmp_path / "a1111.safetensors", sd1, format="a1111")
-    assert pickle_header(pickled) == b"PK"
-    with pytest.warns(UserWarning, match="name it .safetensors"):
-        safe = save_embedding(tmp_path / "diffusers.pt", sd1, format="diffusers")
+    pickled = save_embedding(tmp_path / "a1111.pt", sd1, format="a1111")
+    safe = save_embedding(tmp_path / "diffusers.safetensors", sd1, format="diffusers")
+    assert pickle_header(pickled) == b"PK" and safe.read_bytes()[8:9] == b"{"
 
-    for path, format in [(pickled, "a1111"), (safe, "diffusers")]:
-        loaded = load_embedding(path)
+    # The same bytes under a misleading or nonsense name still load.
+    for path, name, format in [
+        (pickled, "pickle.safetensors", "a1111"),
+        (safe, "safe.pt", "diffusers"),
+        (safe, "weights.txt", "diffusers"),
+    ]:
+        renamed = tmp_path / name
+        renamed.write_bytes(path.read_bytes())
+        loaded = load_embedding(renamed)
         assert loaded.source_format == format and loaded.token == "<tok>"
         assert_same_vectors(loaded, sd1)
-
-    # The same bytes renamed to a nonsense extension still load.
-    os.rename(safe, tmp_path / "weights.txt")
-    assert_same_vectors(load_embedding(tmp_path / "weights.txt"), sd1)
 
 
 class _Payload:
@@ -222,7 +224,7 @@ def test_a_garbage_pickle_is_called_corrupt_not_unsafe_and_torch_stays_quiet(tmp
         ({"<t>": torch.zeros(2, 3, 768)}, r"shape \(2, 3, 768\)"),
         ({"<t>": torch.tensor([[1.0, float("nan")]])}, "non-finite"),
         ({"<t>": torch.zeros(1, 768, dtype=torch.int64)}, "floating point"),
-        ({"clip_l": torch.zeros(1, 768)}, "lacks 'clip_g'"),
+        ({"clip_g": torch.zeros(1, 1280)}, "lacks 'clip_l'"),
         ({"clip_g": torch.zeros(1, 1280), "emb_params": torch.zeros(1, 768)}, "lacks 'clip_l'"),
         ({"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(1, 1280)}, "same number K"),
         ({}, "no tensors"),
@@ -255,7 +257,6 @@ def test_non_tensor_values_are_errors(tmp_path):
 # Atomic writes
 
 
-@pytest.mark.filterwarnings("ignore:.*choose their loader by extension")
 def test_failed_replace_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
     path = tmp_path / "cat.safetensors"
     save_embedding(path, make_embedding([768], 1, seed=1))
@@ -406,8 +407,8 @@ def test_diffusers_reads_our_sd1_files_directly(tmp_path, tiny_sd1_dir, format):
     emb = make_embedding([32], 2, token="<direct>", seed=5)
     path = save_embedding(tmp_path / f"d{suffix(format, 1)}", emb, format=format)
     pipe = _pipeline("sd1", tiny_sd1_dir)
-    # kohya's emb_params key is not a token: diffusers needs token= for it, as for A1111 files.
-    token = "<direct>" if format == "kohya" else None
+    # kohya's emb_params and ComfyUI's clip_l keys are not tokens: diffusers needs token=.
+    token = "<direct>" if format in ("kohya", "comfyui") else None
     pipe.load_textual_inversion(str(path), token=token, local_files_only=True)
     _check_loaded(pipe, emb, "<direct>")
 

@@ -205,3 +205,53 @@ def test_sdxl_model_with_a_transformers_tower_and_a_given_val_suite(
     (val,) = _records(out, "val")
     assert val["concepts"] == 2 and "oracle" not in val  # no oracle/ beside an SDXL model
     assert (out / "val" / "step-000002.png").is_file()
+
+
+@pytest.mark.slow
+def test_flux_encoder_predicts_clip_l_and_t5_rows(tiny_flux_dir, tmp_path):
+    """One output head per text encoder width: the encoder trains on FLUX (CLIP-L 32, T5 64)
+    and `oneword encode` writes a clip_l + t5 file that FLUX's loaders read."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from oneword.cli import main as oneword_main
+    from oneword.datasets.suite import write_world_suite
+    from oneword.datasets.world import training_identities
+    from oneword.embeddings import load_embedding
+    from oneword.encoder.model import load_encoder
+
+    torch.manual_seed(0)
+    tower_config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=24,
+    )
+    CLIPVisionModelWithProjection(tower_config).save_pretrained(tmp_path / "tower")
+    suite = write_world_suite(
+        tmp_path / "suite", images_per_concept=3, identities=training_identities()[:2]
+    )
+    out = tmp_path / "run"
+    extra = ["--tower", f"transformers:{tmp_path / 'tower'}", "--data", f"folders:{suite}"]
+    extra += ["--val-suite", str(suite), "--steps", "2"]
+    assert _run(tiny_flux_dir, out, *extra) == 0
+    encoder = load_encoder(out / "encoder.safetensors")
+    assert encoder.config.family == "flux" and encoder.config.widths == (32, 64)
+    heads = [tuple(layer.weight.shape) for layer in encoder.outputs]
+    assert [h[0] for h in heads] == [32, 64]
+    (val,) = _records(out, "val")
+    assert val["concepts"] == 2
+
+    concept = sorted(p for p in suite.iterdir() if p.is_dir())[0]
+    encoded = tmp_path / "encoded"
+    code = oneword_main(
+        ["encode", "--model", str(tiny_flux_dir), "--encoder", str(out / "encoder.safetensors")]
+        + ["--images", str(concept), "--token", "<enc>", "--class-word", "shape"]
+        + ["--out", str(encoded), "--device", "cpu", "--refine-steps", "2", "--quiet"]
+        + ["--no-samples", "--check", "loss"]
+    )
+    assert code == 0
+    emb = load_embedding(encoded / "learned_embeds.safetensors")
+    assert emb.encoder_keys == ("clip_l", "t5") and emb.widths == [32, 64]
