@@ -75,7 +75,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from oneword.encoder.data import make_source, mix_seed
+from oneword.encoder.data import NEVER_TRAIN_NAMES, make_source, mix_seed
 from oneword.encoder.features import FeatureCache, Featurizer, load_tower
 from oneword.encoder.model import (
     ConceptEncoder,
@@ -138,7 +138,7 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
     val_every: int = 1000  # 0: only at the end
-    val_suite: str | None = None  # default: the world's held-out concepts; "none": no validation
+    val_suite: str | None = None  # default: the world's validation split; "none": no validation
     val_concepts: int = 8
     val_draws: int = 16  # fixed (image, template, t, noise) draws per concept for the val loss
     val_samples: int = 4  # oracle samples per concept ("a photo of <t>")
@@ -306,8 +306,18 @@ def load_distill_targets(cfg: TrainConfig, model) -> dict[str, list[torch.Tensor
             f"--distill {root}: no <identity>/learned_embeds.safetensors inside; make them with "
             "oneword invert --concepts SUITE --out DIR"
         )
+    # Targets of validation or test identities are left out (the encoder never trains on
+    # them); folders made before the validation split existed may hold some.
+    kept = [file for file in files if file.parent.name not in NEVER_TRAIN_NAMES]
+    if len(kept) < len(files):
+        left_out = sorted(file.parent.name for file in files if file not in kept)
+        print(
+            f"train_encoder.py: --distill {root}: {len(left_out)} target(s) of validation or "
+            f"test identities left out ({', '.join(left_out[:4])}{', ...' if len(left_out) > 4 else ''})",
+            file=sys.stderr,
+        )
     targets = {}
-    for file in files:
+    for file in kept:
         embedding = load_embedding(file)
         if embedding.widths != list(model.widths) or embedding.num_vectors != cfg.vectors:
             raise OnewordError(
@@ -532,7 +542,8 @@ class Validator:
 
 
 def default_val_suite(cfg: TrainConfig, model, stack: contextlib.ExitStack) -> Path | None:
-    """--val-suite ("none": no validation), else for a world its held-out concepts (temp folder)."""
+    """--val-suite ("none": no validation), else for a world its validation split (temp
+    folder): choices are made there, the test split is only for reported numbers."""
     if cfg.val_suite == "none":
         return None
     if cfg.val_suite:
@@ -541,9 +552,12 @@ def default_val_suite(cfg: TrainConfig, model, stack: contextlib.ExitStack) -> P
     if not (folder / "world.json").is_file():
         return None
     from oneword.datasets.suite import write_world_suite
+    from oneword.datasets.world import VALIDATION
 
     temp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="oneword-val-")))
-    return write_world_suite(temp / "suite", resolution=model.resolution, seed=cfg.seed)
+    return write_world_suite(
+        temp / "suite", resolution=model.resolution, seed=cfg.seed, identities=VALIDATION
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -948,7 +962,7 @@ examples:
   # first contact: a few steps on the CPU (a tiny world: oneword world train --preset tiny)
   python train_encoder.py --preset tiny --model /tmp/w --out /tmp/enc
 
-  # the miniature world, 2-core CPU (validation on its held-out concepts, oracle scores)
+  # the miniature world, 2-core CPU (validation on its validation split, oracle scores)
   python train_encoder.py --preset world-cpu --model checkpoints/world --out runs/encoder
 
   # continue an interrupted run (the step count and the data stream continue)
@@ -1008,7 +1022,7 @@ HELP = {
     "checkpoint_every": "steps between checkpoints",
     "keep_checkpoints": "checkpoints kept",
     "val_every": "steps between validations (0: only at the end)",
-    "val_suite": "concept suite for validation, or none (default for a world: its held-out concepts)",
+    "val_suite": "concept suite for validation, or none (default for a world: its validation split)",
     "val_concepts": "suite concepts validated",
     "val_draws": "fixed denoising draws per concept",
     "val_samples": "'a photo of <t>' samples per concept (oracle, grid)",

@@ -1579,6 +1579,7 @@ def add_world_parser(subparsers) -> None:
         "  oneword world train --preset tiny --out /tmp/w --work /tmp/w-work\n"
         "  oneword world fidelity --model checkpoints/world --captions 240\n"
         "  oneword world suite --out runs/world-suite\n"
+        "  oneword world suite --split validation --out runs/world-suite-validation\n"
         "  oneword world shards --out runs/world-shards --count 20000",
     )
     sub = parser.add_subparsers(dest="world_command", required=True)
@@ -1626,11 +1627,19 @@ def add_world_parser(subparsers) -> None:
     )
     train.set_defaults(func=run_world_train)
     suite = sub.add_parser(
-        "suite", help="write the held-out concepts as a concept suite (for oneword eval)"
+        "suite",
+        help="write the test (or validation) concepts as a concept suite (for oneword eval)",
     )
     suite.add_argument("--out", required=True, help="new folder for the suite")
     suite.add_argument("--images", type=int, default=5, help="images per concept")
     suite.add_argument("--seed", type=int, default=0)
+    suite.add_argument(
+        "--split",
+        choices=("test", "validation", "train"),
+        default="test",
+        help="which identities: test (the 24 held-out concepts every reported table uses), "
+        "validation (24 of the same make-up, for every choice) or train (default: %(default)s)",
+    )
     suite.set_defaults(func=run_world_suite)
     shards = sub.add_parser(
         "shards", help="write world renders as WebDataset shards (png + txt + json)"
@@ -1648,8 +1657,14 @@ def add_world_parser(subparsers) -> None:
 
 def run_world_suite(args) -> int:
     from ..datasets.suite import write_world_suite
+    from ..datasets.world import split_identities
 
-    print(write_world_suite(args.out, images_per_concept=args.images, seed=args.seed))
+    identities = split_identities(getattr(args, "split", "test"))
+    print(
+        write_world_suite(
+            args.out, images_per_concept=args.images, seed=args.seed, identities=identities
+        )
+    )
     return 0
 
 
