@@ -1,6 +1,13 @@
 """Classic per-concept textual inversion (Gal et al., 2023): `invert`, `invert_many`."""
 
-from .invert import ConceptSpec, InversionConfig, InversionResult, invert, invert_many
+from .invert import (
+    ConceptSpec,
+    InversionConfig,
+    InversionResult,
+    invert,
+    invert_many,
+    invert_together,
+)
 from .templates import OBJECT_TEMPLATES, STYLE_TEMPLATES, load_templates
 
 __all__ = [
@@ -11,5 +18,6 @@ __all__ = [
     "InversionResult",
     "invert",
     "invert_many",
+    "invert_together",
     "load_templates",
 ]
