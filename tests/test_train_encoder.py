@@ -215,3 +215,59 @@ def test_sdxl_model_with_a_transformers_tower_and_a_given_val_suite(tiny_sdxl_di
     (val,) = _records(out, "val")
     assert val["concepts"] == 2 and "oracle" not in val  # no oracle/ beside an SDXL model
     assert (out / "val" / "step-000002.png").is_file()
+
+
+def _table_regression_loss(head, regression, model) -> float:
+    """mean_k ||v - v*||^2 / ||c||^2 over every target, from all of its images."""
+    from oneword.encoder.model import class_word_rows
+
+    losses = []
+    with torch.no_grad():
+        for index in range(len(regression.table)):
+            pooled, tokens = regression.features(index)
+            c = class_word_rows(model, regression.table.class_words[index], 1)[0].unsqueeze(0)
+            rows = head(pooled.unsqueeze(0), tokens.unsqueeze(0), [c]).rows[0]
+            target = regression.rows[0][index].unsqueeze(0)
+            losses.append(float(((rows - target).pow(2).sum(-1) / c.pow(2).sum(-1)).mean()))
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.slow
+def test_regression_onto_the_target_table_reduces_its_loss(tiny_world_dir, tmp_path):
+    from oneword.encoder.features import Featurizer, load_tower
+    from oneword.encoder.model import ConceptEncoder, load_encoder
+    from oneword.encoder.targets import FactoryConfig, TargetRegression, run_factory
+    from oneword.models import load_model
+
+    model = load_model(tiny_world_dir, device="cpu")
+    factory = FactoryConfig(steps=10, lr=0.05, identities=4, image_sets=2, images=3, quiet=True)
+    run_factory(model, factory, tmp_path / "targets")
+    out = tmp_path / "run"
+    extra = ["--objective", "regress", "--target-table", str(tmp_path / "targets")]
+    extra += ["--steps", "40", "--lr", "1e-2", "--val-every", "100", "--log-every", "10"]
+    extra += ["--offset-scale", "30"]  # the targets lie far from the tiny class words
+    assert _run(tiny_world_dir, out, *extra) == 0
+    train = _records(out, "train")
+    assert all(r["regress"] > 0 and r["denoise"] == 0 for r in train)  # no UNet in the loop
+    (table,) = _records(out, "target_table")
+    assert table["count"] == 8 and table["identities"] == 4
+    # On the whole table, the trained head is much closer to the targets than the untrained
+    # one (which predicts the class word).
+    tower = load_tower("world", model_folder=str(tiny_world_dir))
+    regression = TargetRegression(
+        train_encoder.load_targets(tmp_path / "targets"),
+        Featurizer(tower, model),
+        model.resolution,
+        "cpu",
+    )
+    trained = load_encoder(out / "encoder.safetensors")
+    untrained = ConceptEncoder(trained.config).eval()
+    before = _table_regression_loss(untrained, regression, model)
+    after = _table_regression_loss(trained, regression, model)
+    assert after < 0.5 * before, (before, after)
+    # mix: both terms; the regression needs a table.
+    extra = ["--objective", "mix", "--target-table", str(tmp_path / "targets"), "--steps", "2"]
+    assert _run(tiny_world_dir, tmp_path / "mix", *extra, "--val-every", "100") == 0
+    mixed = _records(tmp_path / "mix", "train")
+    assert all(r["regress"] > 0 and r["denoise"] > 0 for r in mixed)
+    assert _run(tiny_world_dir, tmp_path / "bad", "--objective", "regress") == 2
