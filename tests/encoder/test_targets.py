@@ -25,7 +25,7 @@ from oneword.encoder.targets import (
 )
 from oneword.errors import OnewordError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _script(name: str):
