@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=defaults.seed, help="classic inversion's seed (every target)")
     add("--lr", type=float, default=defaults.lr, help="classic inversion's learning rate")
     add(
+        "--vectors",
+        type=int,
+        default=defaults.vectors,
+        help="K vectors per target word (train_encoder.py --vectors must match)",
+    )
+    add(
         "--max-chunks",
         type=int,
         default=None,
@@ -119,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_concepts=args.batch_concepts,
             seed=args.seed,
             lr=args.lr,
+            vectors=args.vectors,
             quiet=args.quiet or not state.is_local_main_process,
         )
         config.check()
