@@ -130,6 +130,9 @@ class TrainConfig:
     objective: str = "denoise"
     target_table: str | None = None  # make_targets.py's table: a folder or targets.safetensors
     regress_weight: float = 1.0  # weight of the regression term with --objective mix
+    # Start the head from an encoder file of the same shape (e.g. a regression run, then a
+    # run on the denoising loss through the UNet, E4T-style); None: a fresh head.
+    init_encoder: str | None = None
     # Optimisation.
     steps: int = 20000
     lr: float = 3e-4
@@ -229,7 +232,7 @@ PRESETS: dict[str, dict] = {
 RESUME_KEYS = (
     "model", "data", "tower", "vectors", "dim", "queries", "heads", "mlp_ratio", "offset_scale",
     "batch", "references", "targets", "augment", "templates", "reg_weight", "distill",
-    "distill_weight", "objective", "target_table", "regress_weight", "lr", "weight_decay", "warmup", "lr_schedule", "grad_accum", "seed",
+    "distill_weight", "objective", "target_table", "regress_weight", "init_encoder", "lr", "weight_decay", "warmup", "lr_schedule", "grad_accum", "seed",
 )  # fmt: skip
 
 
@@ -668,7 +671,19 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         offset_scale=cfg.offset_scale,
     )
     torch.manual_seed(cfg.seed)  # the same initial head on every rank
-    head = ConceptEncoder(encoder_config).to(model.device).train()
+    head = ConceptEncoder(encoder_config)
+    if cfg.init_encoder and not resume:  # a resumed run restores its own head below
+        from oneword.encoder.model import load_encoder
+
+        start = load_encoder(cfg.init_encoder)
+        if start.config != encoder_config:
+            raise OnewordError(
+                f"--init-encoder {cfg.init_encoder}: its config {start.config} is not this "
+                f"run's {encoder_config}; give the same --dim/--queries/--heads/--vectors/"
+                "--offset-scale"
+            )
+        head.load_state_dict(start.state_dict())
+    head = head.to(model.device).train()
 
     # 3. One placeholder slot per identity of a micro-batch; the predicted rows go there.
     zeros = [torch.zeros(cfg.vectors, width) for width in model.widths]
@@ -1133,6 +1148,7 @@ HELP = {
     "objective": "denoise (through the frozen UNet), regress (onto --target-table, no UNet) or mix",
     "target_table": "make_targets.py's target table (its --out folder or targets.safetensors)",
     "regress_weight": "weight of the regression term with --objective mix",
+    "init_encoder": "start the head from this encoder file (same shape), e.g. a regression run's",
     "steps": "optimizer steps in all (a resumed run continues to this count)",
     "lr": "AdamW learning rate",
     "weight_decay": "AdamW weight decay",

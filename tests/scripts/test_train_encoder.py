@@ -265,9 +265,18 @@ def test_regression_onto_the_target_table_reduces_its_loss(tiny_world_dir, tmp_p
     before = _table_regression_loss(untrained, regression, model)
     after = _table_regression_loss(trained, regression, model)
     assert after < 0.5 * before, (before, after)
-    # mix: both terms; the regression needs a table.
+    # mix: both terms, here started from the regression run's encoder.
     extra = ["--objective", "mix", "--target-table", str(tmp_path / "targets"), "--steps", "2"]
-    assert _run(tiny_world_dir, tmp_path / "mix", *extra, "--val-every", "100") == 0
+    extra += ["--init-encoder", str(out / "encoder.safetensors"), "--offset-scale", "30"]
+    assert _run(tiny_world_dir, tmp_path / "mix", *extra, "--val-every", "100", "--lr", "1e-9") == 0
     mixed = _records(tmp_path / "mix", "train")
     assert all(r["regress"] > 0 and r["denoise"] > 0 for r in mixed)
+    # It starts where the regression run ended: on the same first batch, a fresh head is
+    # further from the targets.
+    fresh = ["--objective", "mix", "--target-table", str(tmp_path / "targets"), "--steps", "1"]
+    fresh += ["--offset-scale", "30", "--val-every", "100"]
+    assert _run(tiny_world_dir, tmp_path / "mix0", *fresh) == 0
+    assert mixed[0]["regress"] < 0.5 * _records(tmp_path / "mix0", "train")[0]["regress"]
     assert _run(tiny_world_dir, tmp_path / "bad", "--objective", "regress") == 2
+    extra = ["--init-encoder", str(out / "encoder.safetensors"), "--dim", "16", "--steps", "1"]
+    assert _run(tiny_world_dir, tmp_path / "bad2", *extra) == 2
