@@ -147,6 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("make_targets.py: interrupted (continue with --resume)", file=sys.stderr)
         return 130
+    if summary["table"]:
+        from oneword.encoder.targets import image_set_spread, load_targets
+
+        spread = image_set_spread(load_targets(summary["table"]))
+        if spread:
+            print(
+                f"targets of one identity lie {spread['within_identity']:.3f} apart, of "
+                f"different identities {spread['between_identities']:.3f} "
+                f"(ratio {spread['ratio']:.2f}; lower: the identity decides the target)"
+            )
     print(
         f"rank {summary['rank']}: {len(summary['learned'])} learned, {len(summary['skipped'])} "
         f"skipped, {len(summary['redone'])} redone in {summary['seconds']:.0f} s"

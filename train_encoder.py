@@ -15,6 +15,18 @@ S* = the predicted rows v (placed in template prompts through the placeholder pa
 encoder must capture the identity, not one image's layout), c = the class word's rows and
 v* = rows learned by classic inversion for that identity (`--distill DIR`).
 
+--objective regress replaces the denoising term by a regression onto a target table
+(`make_targets.py`: classic inversion of every training identity on several image sets):
+
+    L = E_target mean_k ||v_k - v*_k||^2 / ||c_k||^2 + reg_weight * (offset term)
+
+where v is predicted from N of the images v* was learned from, through the frozen tower
+only (features computed once and cached): no UNet, no VAE in the loop. --objective mix adds
+regress_weight times it to the denoising loss. --init-encoder starts from an encoder file
+(e.g. a regression run, then the denoising loss). The plan and commands for the world:
+docs/encoder-plan.md. Validation (and every choice) is on the world's validation split,
+never the test split, and no validation or test identity is ever trained on.
+
 Defaults: reg_weight 1e-3 (the offset term is at most alpha^2, the denoising loss ~0.1-1,
 so it only bites on runaway offsets), distill_weight 0.1 when --distill is given (on the
 world the distillation term starts near 10 and dominates the loss: the denoising loss moves
@@ -85,7 +97,12 @@ from oneword.encoder.model import (
     save_encoder,
     with_placeholder_rows,
 )
-from oneword.encoder.targets import TargetRegression, TargetTable, load_targets
+from oneword.encoder.targets import (
+    TargetRegression,
+    TargetTable,
+    image_set_spread,
+    load_targets,
+)
 from oneword.errors import OnewordError
 from oneword.inversion import checkpoint as ckpt
 from oneword.inversion.objective import denoising_loss, encode_prompts
@@ -823,6 +840,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                 "event": "target_table",
                 "count": len(table),
                 "identities": len(set(table.names)),
+                "image_set_spread": image_set_spread(table),
                 "settings": table.settings,
                 **(target_reach(as_dict, class_rows_of(cfg.class_word), cfg.offset_scale) or {}),
             }

@@ -541,6 +541,31 @@ def load_targets(path: str | os.PathLike) -> TargetTable:
     )
 
 
+def image_set_spread(table: TargetTable) -> dict | None:
+    """How well a target is determined by its identity: the mean distance between the
+    targets of one identity (its image sets), against the mean distance between targets of
+    different identities, over all text encoders' rows. A ratio near 0: the identity decides
+    the target (a regression can learn it); near 1: the image set matters as much.
+
+    Returns:
+        {"within_identity", "between_identities", "ratio"}, or None without any identity
+        that has two targets.
+    """
+    flat = torch.cat([rows.flatten(1) for rows in table.rows], dim=1).float()  # (N, sum K d)
+    distances = torch.cdist(flat, flat)  # (N, N)
+    names = table.names
+    same = torch.tensor([[a == b for b in names] for a in names])
+    off_diagonal = ~torch.eye(len(names), dtype=torch.bool)
+    within, between = distances[same & off_diagonal], distances[~same]
+    if within.numel() == 0 or between.numel() == 0:
+        return None
+    return {
+        "within_identity": float(within.mean()),
+        "between_identities": float(between.mean()),
+        "ratio": float(within.mean() / between.mean().clamp_min(1e-12)),
+    }
+
+
 def identity_from_name(name: str) -> world.Identity:
     """ "teal-hexagon-striped" -> Identity("hexagon", "teal", "striped") (world values have
     no hyphen)."""
@@ -613,6 +638,7 @@ __all__ = [
     "PLATEAU_STEPS",
     "TargetRegression",
     "identity_from_name",
+    "image_set_spread",
     "FactoryConfig",
     "TargetSpec",
     "TargetTable",

@@ -193,5 +193,27 @@ def test_two_processes_share_the_targets_and_match_one_process(
     assert torch.equal(one.final_loss, two.final_loss)
 
 
+def test_image_set_spread_compares_within_and_between_identities():
+    from oneword.encoder.targets import TargetTable, image_set_spread
+
+    rows = torch.tensor([[[0.0, 0.0]], [[0.0, 1.0]], [[10.0, 0.0]], [[10.0, 1.0]]])  # (4, 1, 2)
+    table = TargetTable(
+        rows=[rows],
+        names=["a", "a", "b", "b"],
+        class_words=["x"] * 4,
+        image_sets=torch.tensor([0, 1, 0, 1]),
+        steps=torch.full((4,), 3),
+        final_loss=torch.zeros(4),
+        seconds=torch.ones(4),
+        settings={},
+    )
+    spread = image_set_spread(table)
+    assert spread["within_identity"] == pytest.approx(1.0)
+    between = (10.0 + 10.0 + 2 * 101**0.5) / 4  # pairs (a0,b0), (a1,b1), (a0,b1), (a1,b0)
+    assert spread["between_identities"] == pytest.approx(between)
+    assert spread["ratio"] == pytest.approx(1.0 / between)
+    assert image_set_spread(table.select([0, 2])) is None  # no identity with two targets
+
+
 def test_target_spec_key():
     assert TargetSpec(HELD_OUT[0], 3).key == f"{HELD_OUT[0].name}@3"
