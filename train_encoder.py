@@ -1043,11 +1043,11 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                 "grad_norm": grad_norm,
                 "seconds_per_step": seconds,
                 "images_per_s": images_per_step / seconds,
-                "unet_samples_per_s": world_size
-                * cfg.grad_accum
-                * cfg.batch
-                * cfg.targets
-                / seconds,
+                "unet_samples_per_s": (
+                    world_size * cfg.grad_accum * cfg.batch * cfg.targets / seconds
+                    if stream
+                    else 0.0  # regression alone: no UNet
+                ),
                 "skipped_steps": stats["skipped_steps"],
                 "data": batch["stats"] if batch is not None else None,
             }
