@@ -525,20 +525,29 @@ def load_targets(path: str | os.PathLike) -> TargetTable:
         raise OnewordError(
             f"--targets {path}: format {metadata.get('format')!r}, expected {TABLE_FORMAT!r}"
         )
-    names = json.loads(metadata["identities"])
-    rows = [tensors[f"rows.{e}"] for e in range(sum(k.startswith("rows.") for k in tensors))]
-    if not rows or any(r.shape[0] != len(names) for r in rows):
-        raise OnewordError(f"--targets {path}: rows and identities disagree in number")
-    return TargetTable(
-        rows=rows,
-        names=names,
-        class_words=json.loads(metadata["class_words"]),
-        image_sets=tensors["image_set"],
-        steps=tensors["steps"],
-        final_loss=tensors["final_loss"],
-        seconds=tensors["seconds"],
-        settings=json.loads(metadata["settings"]),
-    )
+    try:
+        names = json.loads(metadata["identities"])
+        rows = [tensors[f"rows.{e}"] for e in range(sum(k.startswith("rows.") for k in tensors))]
+        table = TargetTable(
+            rows=rows,
+            names=names,
+            class_words=json.loads(metadata["class_words"]),
+            image_sets=tensors["image_set"],
+            steps=tensors["steps"],
+            final_loss=tensors["final_loss"],
+            seconds=tensors["seconds"],
+            settings=json.loads(metadata["settings"]),
+        )
+    except (KeyError, ValueError) as error:
+        raise OnewordError(f"--targets {path}: incomplete target table ({error})") from None
+    columns = [*rows, table.image_sets, table.steps, table.final_loss, table.seconds]
+    if (
+        not rows
+        or any(len(c) != len(names) for c in columns)
+        or len(table.class_words) != len(names)
+    ):
+        raise OnewordError(f"--targets {path}: its columns and identities disagree in number")
+    return table
 
 
 def image_set_spread(table: TargetTable) -> dict | None:

@@ -215,5 +215,20 @@ def test_image_set_spread_compares_within_and_between_identities():
     assert image_set_spread(table.select([0, 2])) is None  # no identity with two targets
 
 
+def test_load_targets_refuses_other_files(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(OnewordError, match="format None"):
+        load_targets(tmp_path / "other.safetensors")
+    save_file({"rows.0": torch.zeros(2, 1, 4)}, str(tmp_path / "t.safetensors"),
+              metadata={"format": "oneword-targets/1"})  # fmt: skip
+    with pytest.raises(OnewordError, match="incomplete target table"):
+        load_targets(tmp_path / "t.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a table")
+    with pytest.raises(OnewordError, match="unreadable"):
+        load_targets(tmp_path / "bad.safetensors")
+
+
 def test_target_spec_key():
     assert TargetSpec(HELD_OUT[0], 3).key == f"{HELD_OUT[0].name}@3"
