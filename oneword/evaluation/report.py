@@ -8,6 +8,7 @@ optimisation buys is visible at a glance.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from .metrics import ATTRIBUTE_ORDER
@@ -100,6 +101,59 @@ def format_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def choose_threshold(
+    rows: list[dict], right_identity: float = 0.5, catch: float = 0.8, spare: float = 0.1
+) -> dict | None:
+    """The fallback threshold to carry from a validation run to the test run.
+
+    The check falls back when score > threshold. Wanted: at least `catch` of the wrong
+    concepts (identity < right_identity) sent on and at most `spare` of the right ones.
+    Raising the threshold sends fewer of both, so the thresholds that meet both form an
+    interval [lowest that spares enough right ones, highest that still catches enough
+    wrong ones]; its middle is returned. When the interval is empty the targets cannot
+    both be met on these rows: the threshold that catches enough wrong ones is returned
+    with met False.
+
+    Args:
+        rows: per-concept rows with "check_score" and "identity" (one method's).
+
+    Returns:
+        {"threshold", "met", "interval" ([low, high] or None), "wrong", "right"}, or None
+        without scored rows of both kinds.
+    """
+    scored = [r for r in rows if r.get("check_score") is not None and r.get("identity") is not None]
+    wrong = sorted(r["check_score"] for r in scored if r["identity"] < right_identity)
+    right = sorted(r["check_score"] for r in scored if r["identity"] >= right_identity)
+    if not wrong or not right:
+        return None
+    # Highest threshold sending >= catch of the wrong ones: just below the score of the
+    # ceil(catch * n)-th highest wrong score.
+    need = math.ceil(catch * len(wrong) - 1e-9)
+    high = wrong[len(wrong) - need] if need else math.inf
+    # Lowest threshold sending <= spare of the right ones: at the (floor(spare * n) + 1)-th
+    # highest right score, so only the floor(spare * n) above it are sent.
+    allowed = math.floor(spare * len(right) + 1e-9)
+    low = right[len(right) - allowed - 1] if allowed < len(right) else -math.inf
+    met = low < high  # the thresholds in [low, high) meet both targets
+
+    def below(value: float) -> float:
+        return value - 1e-6 * max(1.0, abs(value))
+
+    if met and math.isfinite(low) and math.isfinite(high):
+        threshold = (low + high) / 2
+    elif met and math.isfinite(low):
+        threshold = low
+    else:  # catch enough wrong ones (met with no lower bound, or not met at all)
+        threshold = below(high) if math.isfinite(high) else math.inf
+    return {
+        "threshold": threshold,
+        "met": met,
+        "interval": [low, high] if met else None,
+        "wrong": len(wrong),
+        "right": len(right),
+    }
+
+
 def _share(part: int, whole: int) -> str:
     return f"{part}/{whole} ({100 * part / whole:.0f}%)" if whole else "–"
 
@@ -128,17 +182,22 @@ def _fallback_lines(methods: dict, check: str = "loss") -> list[str]:
         f"{100 * first['right_identity']:.0f}%:",
         "",
         "| method | mean score | wrong concepts sent to the fallback | right concepts sent "
-        "to the fallback | wrong ones it sends |",
-        "|---|---:|---:|---:|---|",
+        "to the fallback | wrong ones it sends | threshold for >= 80% / <= 10% here |",
+        "|---|---:|---:|---:|---|---:|",
     ]
     for label, rates in rated.items():
         caught = ", ".join(rates["flagged_wrong"][:4]) + (
             ", ..." if len(rates["flagged_wrong"]) > 4 else ""
         )
+        # What a validation run hands to the test run (choose it on validation only).
+        chosen = choose_threshold(methods[label].get("per_concept", []), rates["right_identity"])
+        threshold = "–"
+        if chosen is not None:
+            threshold = f"{chosen['threshold']:.3g}" + ("" if chosen["met"] else " (not met)")
         lines.append(
             f"| {label} | {_format(methods[label].get('check_score'), 'cosine')} | "
             f"{_share(rates['wrong_flagged'], rates['wrong'])} | "
-            f"{_share(rates['right_flagged'], rates['right'])} | {caught or '–'} |"
+            f"{_share(rates['right_flagged'], rates['right'])} | {caught or '–'} | {threshold} |"
         )
     return lines
 

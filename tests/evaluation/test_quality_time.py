@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from oneword.evaluation.report import (
+    choose_threshold,
     classic_plateau,
     format_table,
     plot_quality_time,
@@ -104,3 +105,28 @@ def test_the_quality_time_table_and_plot(tmp_path):
     empty = {**results, "methods": {}}
     assert plot_quality_time(empty, tmp_path / "none.png") is None
     assert quality_time_lines(empty) == []
+
+
+def _scored(pairs: list[tuple[float, float]]) -> list[dict]:
+    return [{"concept": f"c{i}", "identity": v, "check_score": c} for i, (v, c) in enumerate(pairs)]
+
+
+def test_choose_threshold_meets_both_fallback_targets_when_it_can():
+    # Wrong ones (identity < 0.5) score 1.0 .. 1.4, right ones 0.5 .. 0.95. 4 of 5 wrong
+    # ones sent needs t < 1.1; at most 1 of 10 right ones sent needs t >= 0.9.
+    rows = _scored(
+        [(0.0, 1.0 + 0.1 * i) for i in range(5)] + [(1.0, 0.5 + 0.05 * i) for i in range(10)]
+    )
+    chosen = choose_threshold(rows)
+    assert chosen["met"] and chosen["interval"] == pytest.approx([0.9, 1.1])
+    assert chosen["threshold"] == pytest.approx(1.0)
+    # 10 wrong, 10 right, overlapping: sending >= 8 wrong needs t < 0.3 (the 8th highest
+    # wrong score); sparing all but 1 right needs t >= 0.8 (the 2nd highest right score).
+    wrong = [(0.0, s) for s in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)]
+    right = [(1.0, s) for s in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)]
+    chosen = choose_threshold(_scored(wrong + right))
+    assert not chosen["met"] and chosen["interval"] is None
+    assert 0.2 < chosen["threshold"] < 0.3  # still catches 8 of the 10 wrong ones
+    flagged = sum(r["check_score"] > chosen["threshold"] for r in _scored(wrong))
+    assert flagged == 8
+    assert choose_threshold(_scored(right)) is None  # no wrong concept: nothing to choose
