@@ -50,7 +50,24 @@ examples:
 """
 
 
+# FactoryConfig's fields that get a flag (help from the field comments, as in train_world.py);
+# `batch` and `templates` stay InversionConfig's defaults, `quiet` is added below.
+FLAG_FIELDS = ("steps", "identities", "image_sets", "images", "batch_concepts", "seed", "lr")
+FLAG_OVERRIDES = {
+    "steps": {
+        "help": "classic inversion steps per target: classic's plateau on the validation split "
+        f"(default {PLATEAU_STEPS}, not yet measured; see docs/encoder-plan.md)"
+    },
+    "identities": {
+        "type": int,
+        "help": "only the first N training identities (a fixed mixed order; default: all 672)",
+    },
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from oneword.cli.config import add_config_flags
+
     defaults = FactoryConfig()
     parser = argparse.ArgumentParser(
         prog="make_targets.py",
@@ -61,34 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--model", default=DEFAULT_MODEL, help="the world folder (default: %(default)s)")
     add("--out", required=True, help="the factory's folder (targets/, manifest/, log/, table)")
-    add(
-        "--steps",
-        type=int,
-        default=PLATEAU_STEPS,
-        help="classic inversion steps per target: classic's plateau on the validation split "
-        "(default %(default)s, not yet measured; see docs/encoder-plan.md)",
-    )
-    add(
-        "--identities",
-        type=int,
-        default=None,
-        help="only the first N training identities (a fixed mixed order; default: all 672)",
-    )
-    add("--image-sets", type=int, default=defaults.image_sets, help="image sets per identity")
-    add("--images", type=int, default=defaults.images, help="images per image set")
-    add(
-        "--batch-concepts",
-        type=int,
-        default=defaults.batch_concepts,
-        help="targets per UNet batch (default: %(default)s)",
-    )
-    add("--seed", type=int, default=defaults.seed, help="classic inversion's seed (every target)")
-    add("--lr", type=float, default=defaults.lr, help="classic inversion's learning rate")
-    add(
-        "--vectors",
-        type=int,
-        default=defaults.vectors,
-        help="K vectors per target word (train_encoder.py --vectors must match)",
+    add_config_flags(
+        parser,
+        FactoryConfig,
+        (*FLAG_FIELDS, "vectors", "quiet"),
+        overrides=FLAG_OVERRIDES,
+        help_suffix=lambda f: (
+            f" (default: {getattr(defaults, f.name)})"
+            if f.name not in ("steps", "identities", "quiet")
+            else ""
+        ),
     )
     add(
         "--max-chunks",
@@ -100,7 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     add("--device", default=None, help="cpu or cuda (default: the process's accelerate device)")
     add("--precision", default=None, help="frozen model precision on a GPU: bf16, fp16, fp32")
-    add("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -109,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from accelerate import PartialState
 
+        from oneword.cli.config import config_from_flags
         from oneword.models import load_model
 
         if args.threads:
@@ -117,17 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         cpu = args.device == "cpu" or not torch.cuda.is_available()
         state = PartialState(cpu=cpu)
         device = args.device or str(state.device)
-        config = FactoryConfig(
-            steps=args.steps,
-            image_sets=args.image_sets,
-            images=args.images,
-            identities=args.identities,
-            batch_concepts=args.batch_concepts,
-            seed=args.seed,
-            lr=args.lr,
-            vectors=args.vectors,
-            quiet=args.quiet or not state.is_local_main_process,
-        )
+        config = config_from_flags(args, FactoryConfig)
+        config.quiet = config.quiet or not state.is_local_main_process  # one bar per machine
         config.check()
         model = load_model(args.model, device=device, precision=args.precision)
         if state.is_main_process:

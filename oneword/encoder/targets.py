@@ -102,7 +102,9 @@ def target_specs(identities: Sequence[world.Identity], image_sets: int) -> list[
 
 @dataclass
 class FactoryConfig:
-    """The factory's settings; those in `RESUME_KEYS` are in every target file."""
+    """The factory's settings; those in `RESUME_KEYS` are in every target file. lr, batch and
+    templates are InversionConfig's defaults, the recipe `oneword eval`'s classic uses; the
+    field comments are make_targets.py's help texts."""
 
     steps: int = PLATEAU_STEPS  # classic inversion steps per target
     image_sets: int = 2  # independent image sets (scene seeds 0, 1, ...) per identity
@@ -110,11 +112,11 @@ class FactoryConfig:
     identities: int | None = None  # only the first N of `factory_identities()`; None: all
     batch_concepts: int = 8  # targets per UNet batch
     seed: int = 0  # classic inversion's seed, the same for every target
-    lr: float = 5e-3  # InversionConfig's defaults: the recipe `oneword eval`'s classic uses
-    batch: int = 4
-    vectors: int = 1
-    templates: str = "object"
-    quiet: bool = False
+    lr: float = 5e-3  # classic inversion's learning rate
+    batch: int = 4  # images per inversion step
+    vectors: int = 1  # K vectors per target word (train_encoder.py --vectors must match)
+    templates: str = "object"  # prompt templates of classic inversion
+    quiet: bool = False  # no progress bar
 
     def check(self) -> None:
         for name in ("steps", "image_sets", "images", "batch_concepts", "batch", "vectors"):

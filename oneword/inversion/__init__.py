@@ -4,9 +4,11 @@ from .invert import (
     ConceptSpec,
     InversionConfig,
     InversionResult,
+    PreparedImages,
     invert,
     invert_many,
     invert_together,
+    prepare_images,
 )
 from .templates import OBJECT_TEMPLATES, STYLE_TEMPLATES, load_templates
 
@@ -16,8 +18,10 @@ __all__ = [
     "ConceptSpec",
     "InversionConfig",
     "InversionResult",
+    "PreparedImages",
     "invert",
     "invert_many",
     "invert_together",
     "load_templates",
+    "prepare_images",
 ]

@@ -4,7 +4,6 @@ test, and encoder training never draws a validation or test identity."""
 from __future__ import annotations
 
 import itertools
-import json
 from collections import Counter
 
 import pytest
@@ -83,21 +82,3 @@ def test_folder_source_skips_validation_and_test_folders(tmp_path):
     suite = write_world_suite(tmp_path / "s", images_per_concept=2, identities=identities)
     source = FolderConceptSets(suite, batch_size=4, references=1, targets=1, resolution=8)
     assert [c[0] for c in source.concepts] == [identities[0].name]
-
-
-def test_world_suite_writes_either_split(tmp_path):
-    from oneword.cli import main
-    from oneword.datasets.suite import write_world_suite
-
-    assert main(["world", "suite", "--split", "validation", "--images", "1", "--out", str(tmp_path / "v")]) == 0  # fmt: skip
-    suite = json.loads((tmp_path / "v" / "suite.json").read_text())
-    assert suite["concepts"] == [i.name for i in VALIDATION]
-    concept = json.loads((tmp_path / "v" / VALIDATION[0].name / "concept.json").read_text())
-    assert concept["attributes"]["colour"] == VALIDATION[0].colour
-    # The default is the test split, byte for byte what the library writes for HELD_OUT.
-    assert main(["world", "suite", "--images", "1", "--out", str(tmp_path / "t")]) == 0
-    reference = write_world_suite(tmp_path / "ref", images_per_concept=1)
-    files = sorted(p.relative_to(reference) for p in reference.rglob("*") if p.is_file())
-    assert len(files) == 1 + 2 * len(HELD_OUT)
-    for name in files:
-        assert (tmp_path / "t" / name).read_bytes() == (reference / name).read_bytes(), name

@@ -3,7 +3,6 @@ two processes (gloo) giving the same targets as one."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import root_script
 
 from oneword.datasets.world import HELD_OUT, VALIDATION
 from oneword.encoder.targets import (
+    PLATEAU_STEPS,
     FactoryConfig,
     TargetSpec,
     factory_identities,
@@ -26,14 +27,6 @@ from oneword.encoder.targets import (
 from oneword.errors import OnewordError
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +84,7 @@ def test_factory_table_round_trips_through_train_encoders_reader(world_model, tm
     # The two image sets of an identity are different images, so different targets.
     assert not torch.equal(_rows(table)[0], _rows(table)[1])
     # train_encoder.py reads the same values.
-    train_encoder = _script("train_encoder")
+    train_encoder = root_script("train_encoder")
     again = train_encoder.load_targets(out / "targets.safetensors")
     assert torch.equal(again.rows[0], _rows(table)) and again.names == table.names
     # Manifest: one line per target.
@@ -156,7 +149,7 @@ def test_resume_refuses_other_settings_and_missing_tables(world_model, tmp_path)
 
 
 def test_make_targets_script(tiny_world_dir, tmp_path, capsys):
-    make_targets = _script("make_targets")
+    make_targets = root_script("make_targets")
     args = ["--model", str(tiny_world_dir), "--out", str(tmp_path / "f"), "--identities", "1"]
     args += ["--steps", "2", "--images", "2", "--quiet", "--device", "cpu"]
     assert make_targets.main(args) == 0
@@ -166,6 +159,18 @@ def test_make_targets_script(tiny_world_dir, tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
     assert make_targets.main(args + ["--resume"]) == 0
     assert "0 learned, 2 skipped" in capsys.readouterr().out
+
+
+def test_make_targets_flags_come_from_the_factory_config():
+    from oneword.cli.config import config_from_flags
+
+    make_targets = root_script("make_targets")
+    parser = make_targets.build_parser()
+    args = parser.parse_args(["--out", "x", "--identities", "3", "--lr", "0.01", "--quiet"])
+    config = config_from_flags(args, FactoryConfig)
+    assert (config.identities, config.lr, config.quiet) == (3, 0.01, True)
+    assert config.steps == PLATEAU_STEPS and config.image_sets == FactoryConfig().image_sets
+    assert "independent image sets" in parser.format_help()  # help from the field comment
 
 
 @pytest.mark.slow
