@@ -15,6 +15,18 @@ S* = the predicted rows v (placed in template prompts through the placeholder pa
 encoder must capture the identity, not one image's layout), c = the class word's rows and
 v* = rows learned by classic inversion for that identity (`--distill DIR`).
 
+--objective regress replaces the denoising term by a regression onto a target table
+(`make_targets.py`: classic inversion of every training identity on several image sets):
+
+    L = E_target mean_k ||v_k - v*_k||^2 / ||c_k||^2 + reg_weight * (offset term)
+
+where v is predicted from N of the images v* was learned from, through the frozen tower
+only (features computed once and cached): no UNet, no VAE in the loop. --objective mix adds
+regress_weight times it to the denoising loss. --init-encoder starts from an encoder file
+(e.g. a regression run, then the denoising loss). The plan and commands for the world:
+docs/encoder-plan.md. Validation (and every choice) is on the world's validation split,
+never the test split, and no validation or test identity is ever trained on.
+
 Defaults: reg_weight 1e-3 (the offset term is at most alpha^2, the denoising loss ~0.1-1,
 so it only bites on runaway offsets), distill_weight 0.1 when --distill is given (on the
 world the distillation term starts near 10 and dominates the loss: the denoising loss moves
@@ -74,14 +86,21 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from oneword.encoder.data import make_source, mix_seed
+from oneword.encoder.data import NEVER_TRAIN_NAMES, make_source, mix_seed
 from oneword.encoder.features import FeatureCache, Featurizer, load_tower
 from oneword.encoder.model import (
     ConceptEncoder,
     EncoderConfig,
+    EncoderOutput,
     class_word_rows,
     save_encoder,
     with_placeholder_rows,
+)
+from oneword.encoder.targets import (
+    TargetRegression,
+    TargetTable,
+    image_set_spread,
+    load_targets,
 )
 from oneword.errors import OnewordError
 from oneword.inversion import checkpoint as ckpt
@@ -122,6 +141,16 @@ class TrainConfig:
     reg_weight: float = 1e-3
     distill: str | None = None  # folder of <identity>/learned_embeds.safetensors
     distill_weight: float = 0.1
+    # denoise: the denoising loss through the frozen UNet on the data stream (+ --distill);
+    # regress: no UNet: the rows regressed onto --target-table's classic targets from the
+    # tower features of the images each was learned from (cached in memory); mix: both,
+    # denoise + regress_weight * regress. The default stays denoise until validation says.
+    objective: str = "denoise"
+    target_table: str | None = None  # make_targets.py's table: a folder or targets.safetensors
+    regress_weight: float = 1.0  # weight of the regression term with --objective mix
+    # Start the head from an encoder file of the same shape (e.g. a regression run, then a
+    # run on the denoising loss through the UNet, E4T-style); None: a fresh head.
+    init_encoder: str | None = None
     # Optimisation.
     steps: int = 20000
     lr: float = 3e-4
@@ -139,7 +168,7 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
     val_every: int = 1000  # 0: only at the end
-    val_suite: str | None = None  # default: the world's held-out concepts; "none": no validation
+    val_suite: str | None = None  # default: the world's validation split; "none": no validation
     val_concepts: int = 8
     val_draws: int = 16  # fixed (image, template, t, noise) draws per concept for the val loss
     val_samples: int = 4  # oracle samples per concept ("a photo of <t>")
@@ -162,7 +191,16 @@ class TrainConfig:
                 raise OnewordError(
                     f"--{name.replace('_', '-')} must be a positive integer, got {value!r}"
                 )
-        for name in ("reg_weight", "distill_weight", "weight_decay", "max_grad_norm", "warmup"):
+        if self.objective not in ("denoise", "regress", "mix"):
+            raise OnewordError(
+                f"--objective must be denoise, regress or mix, got {self.objective!r}"
+            )
+        if self.objective != "denoise" and not self.target_table:
+            raise OnewordError(
+                f"--objective {self.objective} needs --target-table (made by make_targets.py)"
+            )
+        names = ("reg_weight", "distill_weight", "weight_decay", "max_grad_norm", "warmup")
+        for name in names + ("regress_weight",):
             if not getattr(self, name) >= 0:
                 raise OnewordError(f"--{name.replace('_', '-')} must be >= 0")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -212,7 +250,7 @@ PRESETS: dict[str, dict] = {
 RESUME_KEYS = (
     "model", "data", "tower", "vectors", "dim", "queries", "heads", "mlp_ratio", "offset_scale",
     "batch", "references", "targets", "augment", "templates", "reg_weight", "distill",
-    "distill_weight", "lr", "weight_decay", "warmup", "lr_schedule", "grad_accum", "seed",
+    "distill_weight", "objective", "target_table", "regress_weight", "init_encoder", "lr", "weight_decay", "warmup", "lr_schedule", "grad_accum", "seed",
 )  # fmt: skip
 
 
@@ -326,8 +364,18 @@ def load_distill_targets(cfg: TrainConfig, model) -> dict[str, list[torch.Tensor
             f"--distill {root}: no <identity>/learned_embeds.safetensors inside; make them with "
             "oneword invert --concepts SUITE --out DIR"
         )
+    # Targets of validation or test identities are left out (the encoder never trains on
+    # them); folders made before the validation split existed may hold some.
+    kept = [file for file in files if file.parent.name not in NEVER_TRAIN_NAMES]
+    if len(kept) < len(files):
+        left_out = sorted(file.parent.name for file in files if file not in kept)
+        print(
+            f"train_encoder.py: --distill {root}: {len(left_out)} target(s) of validation or "
+            f"test identities left out ({', '.join(left_out[:4])}{', ...' if len(left_out) > 4 else ''})",
+            file=sys.stderr,
+        )
     targets = {}
-    for file in files:
+    for file in kept:
         embedding = load_embedding(file)
         if embedding.widths != list(model.widths) or embedding.num_vectors != cfg.vectors:
             raise OnewordError(
@@ -336,6 +384,29 @@ def load_distill_targets(cfg: TrainConfig, model) -> dict[str, list[torch.Tensor
             )
         targets[file.parent.name] = [v.to(model.device) for v in embedding.vectors]
     return targets
+
+
+def load_target_table(cfg: TrainConfig, model, is_main: bool = True) -> TargetTable:
+    """--target-table, less any row of a validation or test identity, checked against the model."""
+    table = load_targets(cfg.target_table)
+    keep = [i for i, name in enumerate(table.names) if name not in NEVER_TRAIN_NAMES]
+    if len(keep) < len(table) and is_main:
+        print(
+            f"train_encoder.py: --target-table {cfg.target_table}: {len(table) - len(keep)} "
+            "row(s) of validation or test identities left out",
+            file=sys.stderr,
+        )
+    if not keep:
+        raise OnewordError(f"--target-table {cfg.target_table}: no row of a training identity")
+    table = table.select(keep)
+    widths = [r.shape[-1] for r in table.rows]
+    vectors = table.rows[0].shape[1]
+    if widths != list(model.widths) or vectors != cfg.vectors:
+        raise OnewordError(
+            f"--target-table {cfg.target_table}: rows of K={vectors}, widths {widths}; the "
+            f"encoder predicts K={cfg.vectors} rows of widths {list(model.widths)}"
+        )
+    return table
 
 
 def target_reach(
@@ -548,7 +619,8 @@ class Validator:
 
 
 def default_val_suite(cfg: TrainConfig, model, stack: contextlib.ExitStack) -> Path | None:
-    """--val-suite ("none": no validation), else for a world its held-out concepts (temp folder)."""
+    """--val-suite ("none": no validation), else for a world its validation split (temp
+    folder): choices are made there, the test split is only for reported numbers."""
     if cfg.val_suite == "none":
         return None
     if cfg.val_suite:
@@ -557,9 +629,12 @@ def default_val_suite(cfg: TrainConfig, model, stack: contextlib.ExitStack) -> P
     if not (folder / "world.json").is_file():
         return None
     from oneword.datasets.suite import write_world_suite
+    from oneword.datasets.world import VALIDATION
 
     temp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="oneword-val-")))
-    return write_world_suite(temp / "suite", resolution=model.resolution, seed=cfg.seed)
+    return write_world_suite(
+        temp / "suite", resolution=model.resolution, seed=cfg.seed, identities=VALIDATION
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -631,7 +706,19 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         offset_scale=cfg.offset_scale,
     )
     torch.manual_seed(cfg.seed)  # the same initial head on every rank
-    head = ConceptEncoder(encoder_config).to(model.device).train()
+    head = ConceptEncoder(encoder_config)
+    if cfg.init_encoder and not resume:  # a resumed run restores its own head below
+        from oneword.encoder.model import load_encoder
+
+        start = load_encoder(cfg.init_encoder)
+        if start.config != encoder_config:
+            raise OnewordError(
+                f"--init-encoder {cfg.init_encoder}: its config {start.config} is not this "
+                f"run's {encoder_config}; give the same --dim/--queries/--heads/--vectors/"
+                "--offset-scale"
+            )
+        head.load_state_dict(start.state_dict())
+    head = head.to(model.device).train()
 
     # 3. One placeholder slot per identity of a micro-batch; the predicted rows go there.
     zeros = [torch.zeros(cfg.vectors, width) for width in model.widths]
@@ -673,7 +760,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             default_class_word=cfg.class_word,
         )
 
-    source = make()
+    stream = cfg.objective != "regress"  # the data stream feeds the denoising loss only
+    source = make() if stream else None
     cache = None
     if cfg.cache_features:
         if cfg.data == "world":
@@ -690,6 +778,24 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             fingerprint |= {"dtype": str(model.dtype), "data": cfg.data}
             cache = FeatureCache(cfg.cache_features, fingerprint)
     featurizer = Featurizer(tower, model, cache)
+    regression = None
+    if cfg.objective != "denoise":
+        table_cache = None
+        if cfg.cache_features:
+            fingerprint = {
+                "tower": cfg.tower,
+                "model": model.extra.get("folder", cfg.model),
+                "resolution": model.resolution,
+                "dtype": str(model.dtype),
+                "data": "target-table",
+            }
+            table_cache = FeatureCache(Path(cfg.cache_features) / "targets", fingerprint)
+        regression = TargetRegression(
+            load_target_table(cfg, model, is_main),
+            Featurizer(tower, model, table_cache),
+            model.resolution,
+            model.device,
+        )
 
     # 6. Resume: head, optimizer, step and the data stream's position.
     step, stats = 0, {"skipped_steps": 0, "nonfinite_in_row": 0, "seconds": 0.0, "images": 0}
@@ -713,7 +819,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         plain_head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
         ckpt.restore_optimizer(optimizer, tensors, state["optimizer"])
         step, stats = state["step"], state["stats"]
-        source.load_state_dict(state["data"][rank])
+        if source is not None:
+            source.load_state_dict(state["data"][rank])
         if is_main:
             reached = logged_step(out / "log.jsonl")
             redo = (
@@ -751,6 +858,22 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             "validation": None if validator is None else [c.name for c in validator.concepts],
         }
     )
+    if regression is not None:
+        table = regression.table
+        as_dict = {
+            f"{name}@{int(table.image_sets[i])}": [rows[i] for rows in table.rows]
+            for i, name in enumerate(table.names)
+        }
+        log.write(
+            {
+                "event": "target_table",
+                "count": len(table),
+                "identities": len(set(table.names)),
+                "image_set_spread": image_set_spread(table),
+                "settings": table.settings,
+                **(target_reach(as_dict, class_rows_of(cfg.class_word), cfg.offset_scale) or {}),
+            }
+        )
     reach = target_reach(distill_targets, class_rows_of(cfg.class_word), cfg.offset_scale)
     if reach is not None:
         log.write({"event": "distill_targets", "count": len(distill_targets), **reach})
@@ -765,11 +888,13 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             )
 
     # 7. The loader, and its own throughput (a separate copy, so the stream is untouched).
-    loader_rate = measure_loader(cfg, make, cfg.probe_batches) if is_main else {}
-    log.write({"event": "loader", **loader_rate})
-    loader = torch.utils.data.DataLoader(source, batch_size=None, num_workers=cfg.workers)
-    batches = iter(loader)
-    data_state = source.state_dict()
+    loader_rate, batches, data_state = {}, None, {"next_batch": 0}
+    if stream:
+        loader_rate = measure_loader(cfg, make, cfg.probe_batches) if is_main else {}
+        log.write({"event": "loader", **loader_rate})
+        loader = torch.utils.data.DataLoader(source, batch_size=None, num_workers=cfg.workers)
+        batches = iter(loader)
+        data_state = source.state_dict()
 
     def checkpoint_state() -> dict:
         states = gather_object([data_state]) if world_size > 1 else [data_state]  # per rank
@@ -781,7 +906,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             "stats": stats,
         }
 
-    images_per_step = world_size * cfg.grad_accum * cfg.batch * (cfg.references + cfg.targets)
+    views = (cfg.references + cfg.targets if stream else 0) + (cfg.references if regression else 0)
+    images_per_step = world_size * cfg.grad_accum * cfg.batch * views
     bar = tqdm(
         total=cfg.steps, initial=step, disable=cfg.quiet or not is_main, unit="step", desc="encoder"
     )
@@ -794,17 +920,18 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(cfg, step)
         for micro in range(cfg.grad_accum):
-            # 8. Data: B identities, N references and M targets each.
-            batch = next(batches)
-            data_state = {"next_batch": batch["batch_index"] + 1}
-            count = len(batch["names"])
-            if cfg.log_keys:
-                rank_log.write(
-                    {"step": step, "micro": micro, "batch_index": batch["batch_index"], "names": batch["names"],
-                     "keys": [k for row in batch["reference_keys"] + batch["target_keys"] for k in row]}
-                )  # fmt: skip
-            with accelerator.accumulate(head):
-                # 9. Forward: features -> encoder -> rows -> prompts -> frozen UNet.
+            inputs = []  # (pooled (b, N, p), tokens (b, N, t, w), class rows per encoder (b, K, d))
+            batch, count = None, 0
+            if stream:
+                # 8. Data: B identities, N references and M targets each.
+                batch = next(batches)
+                data_state = {"next_batch": batch["batch_index"] + 1}
+                count = len(batch["names"])
+                if cfg.log_keys:
+                    rank_log.write(
+                        {"step": step, "micro": micro, "batch_index": batch["batch_index"], "names": batch["names"],
+                         "keys": [k for row in batch["reference_keys"] + batch["target_keys"] for k in row]}
+                    )  # fmt: skip
                 pixels, keys, usable = flat(batch, "references")
                 pooled, tokens = featurizer.features(pixels, keys, usable)
                 pooled = pooled.view(count, cfg.references, -1)  # (B, N, p)
@@ -813,46 +940,89 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                     torch.stack([class_rows_of(w)[e] for w in batch["class_words"]])
                     for e in range(len(model.widths))
                 ]  # per encoder (B, K, d)
-                with accelerator.autocast():
-                    output = head(pooled, tokens, class_rows)
-                pixels, keys, usable = flat(batch, "targets")
-                mean, std = featurizer.latent_distribution(pixels, keys, usable)  # (B M, 4, h, w)
+                inputs.append((pooled, tokens, class_rows))
+            picks = None
+            if regression is not None:
+                # 8b. Regression data: B targets, N of the images each was learned from.
                 generator = torch.Generator().manual_seed(
-                    mix_seed("step", cfg.seed, rank, step, micro)
+                    mix_seed("regress", cfg.seed, rank, step, micro)
                 )
-                latents = scale_latents(
-                    model, mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)
-                )  # (B M, c, h, w); SD3/FLUX: (z - shift) * scale, 16 channels
-                timesteps = draw_timesteps(model, len(latents), generator).to(model.device)
-                noise = torch.randn(mean.shape, generator=generator).to(model.device)
-                choices = torch.randint(
-                    len(templates), (len(latents),), generator=generator
-                ).tolist()
-                prompts = [
-                    expand_prompt(
-                        fill(templates[choices[b * cfg.targets + m]], slots[b].token), [slots[b]]
+                picks, pooled, tokens = regression.batch(cfg.batch, cfg.references, generator)
+                class_rows = [
+                    torch.stack([class_rows_of(regression.table.class_words[i])[e] for i in picks])
+                    for e in range(len(model.widths))
+                ]  # per encoder (B, K, d)
+                inputs.append((pooled, tokens, class_rows))
+            zero = torch.zeros((), device=model.device)
+            loss_denoise, loss_reg, loss_distill, loss_regress = zero, zero, zero, zero
+            with accelerator.accumulate(head):
+                # 9. Forward: features -> encoder -> rows, in ONE call (DDP allows one forward
+                # per backward): the stream's identities first, then the regression targets.
+                with accelerator.autocast():
+                    both = head(
+                        torch.cat([i[0] for i in inputs]),
+                        torch.cat([i[1] for i in inputs]),
+                        [torch.cat([i[2][e] for i in inputs]) for e in range(len(model.widths))],
                     )
-                    for b in range(count)
-                    for m in range(cfg.targets)
-                ]
-                view = with_placeholder_rows(model, slots[:count], output.rows)
-                denoise = denoising_loss(
-                    model, latents, encode_prompts(view, prompts), noise, timesteps
-                ).loss
-                # 10. Loss: denoising on the targets + offset regulariser (+ distillation).
-                loss_denoise = denoise.mean()
-                loss_reg = output.offset_ratio().mean()
-                loss = loss_denoise + cfg.reg_weight * loss_reg
-                loss_distill = torch.zeros((), device=model.device)
-                have = [i for i, name in enumerate(batch["names"]) if name in distill_targets]
-                if have and cfg.distill_weight > 0:
+                loss_reg = both.offset_ratio().mean()
+                loss = cfg.reg_weight * loss_reg
+                if batch is not None:
+                    # 10. The denoising loss through the frozen UNet on M target views.
+                    output = EncoderOutput(
+                        [r[:count] for r in both.rows], [c[:count] for c in both.class_rows]
+                    )
+                    pixels, keys, usable = flat(batch, "targets")
+                    mean, std = featurizer.latent_distribution(
+                        pixels, keys, usable
+                    )  # (B M, 4, h, w)
+                    generator = torch.Generator().manual_seed(
+                        mix_seed("step", cfg.seed, rank, step, micro)
+                    )
+                    latents = scale_latents(
+                        model,
+                        mean + std * torch.randn(mean.shape, generator=generator).to(mean.device),
+                    )  # (B M, c, h, w); SD3/FLUX: (z - shift) * scale, 16 channels
+                    timesteps = draw_timesteps(model, len(latents), generator).to(model.device)
+                    noise = torch.randn(mean.shape, generator=generator).to(model.device)
+                    choices = torch.randint(
+                        len(templates), (len(latents),), generator=generator
+                    ).tolist()
+                    prompts = [
+                        expand_prompt(
+                            fill(templates[choices[b * cfg.targets + m]], slots[b].token),
+                            [slots[b]],
+                        )
+                        for b in range(count)
+                        for m in range(cfg.targets)
+                    ]
+                    view = with_placeholder_rows(model, slots[:count], output.rows)
+                    denoise = denoising_loss(
+                        model, latents, encode_prompts(view, prompts), noise, timesteps
+                    ).loss
+                    loss_denoise = denoise.mean()
+                    loss = loss + loss_denoise
+                    # (+ distillation toward --distill's classic rows, where an identity has one)
+                    have = [i for i, name in enumerate(batch["names"]) if name in distill_targets]
+                    if have and cfg.distill_weight > 0:
+                        terms = []
+                        for e, (rows, c) in enumerate(zip(output.rows, output.class_rows)):
+                            target = torch.stack(
+                                [distill_targets[batch["names"][i]][e] for i in have]
+                            )
+                            scale = c[have].pow(2).sum(-1).clamp_min(1e-12)
+                            terms.append(((rows[have] - target).pow(2).sum(-1) / scale).mean())
+                        loss_distill = torch.stack(terms).mean()
+                        loss = loss + cfg.distill_weight * loss_distill
+                if picks is not None:
+                    # 10b. Regression onto the classic targets, no UNet:
+                    # mean_k ||v_k - v*_k||^2 / ||c_k||^2, as the distillation term.
                     terms = []
-                    for e, (rows, c) in enumerate(zip(output.rows, output.class_rows)):
-                        target = torch.stack([distill_targets[batch["names"][i]][e] for i in have])
-                        scale = c[have].pow(2).sum(-1).clamp_min(1e-12)
-                        terms.append(((rows[have] - target).pow(2).sum(-1) / scale).mean())
-                    loss_distill = torch.stack(terms).mean()
-                    loss = loss + cfg.distill_weight * loss_distill
+                    for e, (rows, c) in enumerate(zip(both.rows, both.class_rows)):
+                        target = regression.rows[e][picks]  # (B, K, d)
+                        scale = c[count:].pow(2).sum(-1).clamp_min(1e-12)
+                        terms.append(((rows[count:] - target).pow(2).sum(-1) / scale).mean())
+                    loss_regress = torch.stack(terms).mean()
+                    loss = loss + (cfg.regress_weight if stream else 1.0) * loss_regress
                 # 11. Backward; at the end of the accumulation: clip, skip non-finite, step.
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -868,6 +1038,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                     "denoise": loss_denoise.item(),
                     "reg": loss_reg.item(),
                     "distill": loss_distill.item(),
+                    "regress": loss_regress.item(),
                 }
             )
         if not finite:
@@ -898,20 +1069,20 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                 "grad_norm": grad_norm,
                 "seconds_per_step": seconds,
                 "images_per_s": images_per_step / seconds,
-                "unet_samples_per_s": world_size
-                * cfg.grad_accum
-                * cfg.batch
-                * cfg.targets
-                / seconds,
+                "unet_samples_per_s": (
+                    world_size * cfg.grad_accum * cfg.batch * cfg.targets / seconds
+                    if stream
+                    else 0.0  # regression alone: no UNet
+                ),
                 "skipped_steps": stats["skipped_steps"],
-                "data": batch["stats"],
+                "data": batch["stats"] if batch is not None else None,
             }
             if cache is not None:
                 record["cache"] = {"hits": cache.hits, "misses": cache.misses}
             log.write(record)
             bar.set_postfix(loss=f"{means['denoise']:.4f}", refresh=False)
             if tensorboard is not None:
-                for name in ("loss", "denoise", "reg", "distill", "lr", "images_per_s"):
+                for name in ("loss", "denoise", "reg", "distill", "regress", "lr", "images_per_s"):
                     tensorboard.add_scalar(f"train/{name}", record[name], step)
             window = []
         if validator is not None and (
@@ -973,7 +1144,7 @@ examples:
   # first contact: a few steps on the CPU (a tiny world: oneword world train --preset tiny)
   python train_encoder.py --preset tiny --model /tmp/w --out /tmp/enc
 
-  # the miniature world, 2-core CPU (validation on its held-out concepts, oracle scores)
+  # the miniature world, 2-core CPU (validation on its validation split, oracle scores)
   python train_encoder.py --preset world-cpu --model checkpoints/world --out runs/encoder
 
   # continue an interrupted run (the step count and the data stream continue)
@@ -1018,6 +1189,10 @@ HELP = {
     "reg_weight": "weight of mean ||v - c||^2 / ||c||^2",
     "distill": "folder of <identity>/learned_embeds.safetensors (oneword invert --concepts)",
     "distill_weight": "weight of the distillation term (with --distill)",
+    "objective": "denoise (through the frozen UNet), regress (onto --target-table, no UNet) or mix",
+    "target_table": "make_targets.py's target table (its --out folder or targets.safetensors)",
+    "regress_weight": "weight of the regression term with --objective mix",
+    "init_encoder": "start the head from this encoder file (same shape), e.g. a regression run's",
     "steps": "optimizer steps in all (a resumed run continues to this count)",
     "lr": "AdamW learning rate",
     "weight_decay": "AdamW weight decay",
@@ -1033,7 +1208,7 @@ HELP = {
     "checkpoint_every": "steps between checkpoints",
     "keep_checkpoints": "checkpoints kept",
     "val_every": "steps between validations (0: only at the end)",
-    "val_suite": "concept suite for validation, or none (default for a world: its held-out concepts)",
+    "val_suite": "concept suite for validation, or none (default for a world: its validation split)",
     "val_concepts": "suite concepts validated",
     "val_draws": "fixed denoising draws per concept",
     "val_samples": "'a photo of <t>' samples per concept (oracle, grid)",

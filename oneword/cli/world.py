@@ -23,6 +23,7 @@ EPILOG = (
     "  oneword world train --preset tiny --out /tmp/w --work /tmp/w-work\n"
     "  oneword world fidelity --model checkpoints/world --captions 240\n"
     "  oneword world suite --out runs/world-suite\n"
+    "  oneword world suite --split validation --out runs/world-suite-validation\n"
     "  oneword world shards --out runs/world-shards --count 20000"
 )
 
@@ -80,11 +81,19 @@ def add_world_parser(subparsers) -> None:
         script.add_train_arguments(train)
         train.set_defaults(func=_run_train)
     suite = sub.add_parser(
-        "suite", help="write the held-out concepts as a concept suite (for oneword eval)"
+        "suite",
+        help="write the test (or validation) concepts as a concept suite (for oneword eval)",
     )
     suite.add_argument("--out", required=True, help="new folder for the suite")
     suite.add_argument("--images", type=int, default=5, help="images per concept")
     suite.add_argument("--seed", type=int, default=0)
+    suite.add_argument(
+        "--split",
+        choices=("test", "validation", "train"),
+        default="test",
+        help="which identities: test (the 24 held-out concepts every reported table uses), "
+        "validation (24 of the same make-up, for every choice) or train (default: %(default)s)",
+    )
     suite.set_defaults(func=run_world_suite)
     shards = sub.add_parser(
         "shards", help="write world renders as WebDataset shards (png + txt + json)"
@@ -100,11 +109,17 @@ def add_world_parser(subparsers) -> None:
 
 def run_world_suite(args) -> int:
     from ..datasets.suite import write_world_suite
+    from ..datasets.world import split_identities
     from ..io import prepare_out_dir
 
     owned = prepare_out_dir(args.out)  # noqa: F841 (first, and held for the run's life)
 
-    print(write_world_suite(args.out, images_per_concept=args.images, seed=args.seed))
+    identities = split_identities(getattr(args, "split", "test"))
+    print(
+        write_world_suite(
+            args.out, images_per_concept=args.images, seed=args.seed, identities=identities
+        )
+    )
     return 0
 
 

@@ -32,7 +32,14 @@ from typing import Any
 import torch
 from PIL import Image
 
-from oneword.datasets.world import HELD_OUT, Identity, concept_scenes, edit_prompts, render
+from oneword.datasets.world import (
+    HELD_OUT,
+    Identity,
+    Scene,
+    concept_scenes,
+    edit_prompts,
+    render,
+)
 from oneword.errors import OnewordError
 
 SUITE_FORMAT = "oneword-suite/1"
@@ -271,6 +278,22 @@ def _identity_seed(seed: int, identity: Identity) -> int:
     return int.from_bytes(digest.digest(), "little") & (2**63 - 1)
 
 
+def concept_image_set(
+    identity: Identity, count: int, seed: int, resolution: int = 64
+) -> tuple[list[Scene], torch.Tensor]:
+    """The images a world suite written with `seed` holds for `identity` (its "image set").
+
+    They depend only on (seed, identity), so the target factory and the suites agree on what
+    image set `seed` of an identity is.
+
+    Returns:
+        The scenes and their renders, uint8 (count, 3, resolution, resolution).
+    """
+    generator = torch.Generator().manual_seed(_identity_seed(seed, identity))
+    scenes = concept_scenes(identity, count, generator)
+    return scenes, render(scenes, resolution)
+
+
 def write_world_suite(
     out_dir: str | os.PathLike,
     *,
@@ -312,9 +335,7 @@ def write_world_suite(
     try:
         for identity in identities:
             # 1. Varied scenes of this identity, rendered.
-            generator = torch.Generator().manual_seed(_identity_seed(seed, identity))
-            scenes = concept_scenes(identity, images_per_concept, generator)
-            pixels = render(scenes, resolution)  # (k, 3, H, W)
+            scenes, pixels = concept_image_set(identity, images_per_concept, seed, resolution)
             folder = staging / identity.name
             folder.mkdir()
             for index, image in enumerate(pixels):

@@ -8,7 +8,7 @@ Three sources, one batch format (each source yields whole batches, `DataLoader(s
 batch_size=None)`):
 
 - `WorldConceptSets`: the miniature world rendered in memory; identities from
-  `training_identities()`, never `HELD_OUT`.
+  `training_identities()`, never a validation or test one (`VALIDATION`, `HELD_OUT`).
 - `ShardConceptSets`: WebDataset shards (our world shards, or any img2dataset output with
   jpg/png + txt), read with `oneword.datasets.shards.read_shards` (images, txt and json
   only: no member is ever unpickled; corrupt samples are skipped, counted, and the run stops
@@ -49,7 +49,9 @@ from ..datasets import world
 from ..errors import OnewordError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-HELD_OUT_NAMES = frozenset(identity.name for identity in world.HELD_OUT)
+# The world's validation and test identities: the encoder never trains on them (its data
+# stream, folder and shard sources, and its distillation or regression targets).
+NEVER_TRAIN_NAMES = frozenset(identity.name for identity in world.HELD_OUT + world.VALIDATION)
 
 
 def mix_seed(*parts) -> int:
@@ -161,7 +163,7 @@ class ConceptSets(torch.utils.data.IterableDataset):
 
 
 class WorldConceptSets(ConceptSets):
-    """Identities of the miniature world (never the held-out ones), rendered on the fly.
+    """Identities of the miniature world (never validation or test ones), rendered on the fly.
 
     Each example draws N + M varied scenes of one identity (`concept_scenes`: backgrounds,
     sizes and positions cycled) and splits them at random into references and targets.
@@ -172,10 +174,11 @@ class WorldConceptSets(ConceptSets):
         self.identities = (
             list(identities) if identities is not None else world.training_identities()
         )
-        leaked = sorted(i.name for i in self.identities if i.name in HELD_OUT_NAMES)
+        leaked = sorted(i.name for i in self.identities if i.name in NEVER_TRAIN_NAMES)
         if leaked:
             raise OnewordError(
-                f"identities {leaked} are held out for evaluation; the encoder must never train on them"
+                f"identities {leaked} belong to the validation or test split; the encoder must "
+                "never train on them"
             )
         if not self.identities:
             raise OnewordError("no identities to train on")
@@ -228,8 +231,8 @@ class FolderConceptSets(ConceptSets):
             raise OnewordError(f"--data folders:{root}: no such folder")
         self.concepts = []  # (name, class word, [image paths])
         for folder in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            if folder.name.startswith(".") or folder.name in HELD_OUT_NAMES:
-                continue  # hidden folders; the world's held-out identities never train
+            if folder.name.startswith(".") or folder.name in NEVER_TRAIN_NAMES:
+                continue  # hidden folders; the world's validation/test identities never train
             files = sorted(
                 str(p)
                 for p in folder.iterdir()
@@ -355,7 +358,7 @@ class ShardConceptSets(ConceptSets):
             meta = sample["json"] if isinstance(sample["json"], dict) else None
             key = f"{Path(str(sample['__url__'])).name}/{sample['__key__']}"
             identity = meta.get("identity") if meta else None
-            if identity in HELD_OUT_NAMES:
+            if identity in NEVER_TRAIN_NAMES:
                 stats["held_out_skipped"] += 1
                 continue
             image = _to_uint8(sample["image"], self.resolution)  # (3, H, W)

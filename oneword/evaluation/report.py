@@ -8,6 +8,7 @@ optimisation buys is visible at a glance.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from .metrics import ATTRIBUTE_ORDER
@@ -86,6 +87,7 @@ def format_table(results: dict) -> str:
             values = method.get("per_attribute") or {}
             cells = [_format(values.get(a), "percent") for a in attributes]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += quality_time_lines(results)
     lines += _fallback_lines(methods, _check_name(results))
     lines += [
         "",
@@ -97,6 +99,59 @@ def format_table(results: dict) -> str:
         "the CPU).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def choose_threshold(
+    rows: list[dict], right_identity: float = 0.5, catch: float = 0.8, spare: float = 0.1
+) -> dict | None:
+    """The fallback threshold to carry from a validation run to the test run.
+
+    The check falls back when score > threshold. Wanted: at least `catch` of the wrong
+    concepts (identity < right_identity) sent on and at most `spare` of the right ones.
+    Raising the threshold sends fewer of both, so the thresholds that meet both form an
+    interval [lowest that spares enough right ones, highest that still catches enough
+    wrong ones]; its middle is returned. When the interval is empty the targets cannot
+    both be met on these rows: the threshold that catches enough wrong ones is returned
+    with met False.
+
+    Args:
+        rows: per-concept rows with "check_score" and "identity" (one method's).
+
+    Returns:
+        {"threshold", "met", "interval" ([low, high] or None), "wrong", "right"}, or None
+        without scored rows of both kinds.
+    """
+    scored = [r for r in rows if r.get("check_score") is not None and r.get("identity") is not None]
+    wrong = sorted(r["check_score"] for r in scored if r["identity"] < right_identity)
+    right = sorted(r["check_score"] for r in scored if r["identity"] >= right_identity)
+    if not wrong or not right:
+        return None
+    # Highest threshold sending >= catch of the wrong ones: just below the score of the
+    # ceil(catch * n)-th highest wrong score.
+    need = math.ceil(catch * len(wrong) - 1e-9)
+    high = wrong[len(wrong) - need] if need else math.inf
+    # Lowest threshold sending <= spare of the right ones: at the (floor(spare * n) + 1)-th
+    # highest right score, so only the floor(spare * n) above it are sent.
+    allowed = math.floor(spare * len(right) + 1e-9)
+    low = right[len(right) - allowed - 1] if allowed < len(right) else -math.inf
+    met = low < high  # the thresholds in [low, high) meet both targets
+
+    def below(value: float) -> float:
+        return value - 1e-6 * max(1.0, abs(value))
+
+    if met and math.isfinite(low) and math.isfinite(high):
+        threshold = (low + high) / 2
+    elif met and math.isfinite(low):
+        threshold = low
+    else:  # catch enough wrong ones (met with no lower bound, or not met at all)
+        threshold = below(high) if math.isfinite(high) else math.inf
+    return {
+        "threshold": threshold,
+        "met": met,
+        "interval": [low, high] if met else None,
+        "wrong": len(wrong),
+        "right": len(right),
+    }
 
 
 def _share(part: int, whole: int) -> str:
@@ -127,17 +182,22 @@ def _fallback_lines(methods: dict, check: str = "loss") -> list[str]:
         f"{100 * first['right_identity']:.0f}%:",
         "",
         "| method | mean score | wrong concepts sent to the fallback | right concepts sent "
-        "to the fallback | wrong ones it sends |",
-        "|---|---:|---:|---:|---|",
+        "to the fallback | wrong ones it sends | threshold for >= 80% / <= 10% here |",
+        "|---|---:|---:|---:|---|---:|",
     ]
     for label, rates in rated.items():
         caught = ", ".join(rates["flagged_wrong"][:4]) + (
             ", ..." if len(rates["flagged_wrong"]) > 4 else ""
         )
+        # What a validation run hands to the test run (choose it on validation only).
+        chosen = choose_threshold(methods[label].get("per_concept", []), rates["right_identity"])
+        threshold = "–"
+        if chosen is not None:
+            threshold = f"{chosen['threshold']:.3g}" + ("" if chosen["met"] else " (not met)")
         lines.append(
             f"| {label} | {_format(methods[label].get('check_score'), 'cosine')} | "
             f"{_share(rates['wrong_flagged'], rates['wrong'])} | "
-            f"{_share(rates['right_flagged'], rates['right'])} | {caught or '–'} |"
+            f"{_share(rates['right_flagged'], rates['right'])} | {caught or '–'} | {threshold} |"
         )
     return lines
 
@@ -303,8 +363,164 @@ def plot_tradeoff(results: dict, path: str | Path) -> Path | None:
     return path
 
 
+# ---------------------------------------------------------------------------------------
+# Quality against time: classic's plateau and what reaches it how fast
+
+
+def standard_error(method: dict, metric: str) -> float | None:
+    """Standard error over concepts of a metric's mean (sample std / sqrt(n)); None with
+    fewer than two concepts measured."""
+    values = [r[metric] for r in method.get("per_concept", []) if r.get(metric) is not None]
+    if len(values) < 2:
+        return None
+    mean = sum(values) / len(values)
+    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return (variance / len(values)) ** 0.5
+
+
+def classic_plateau(methods: dict, reference: str = "classic") -> dict | None:
+    """Classic inversion's plateau and the time it needed to reach it.
+
+    The plateau is the best mean identity over the `reference` method's step counts
+    ("classic:10", "classic:25", ...; one run per concept with snapshots, so the seconds
+    are those of the run when it passed that step). Two ways of reaching it are given:
+    the first step count whose identity equals the best ("reached"), and the first whose
+    identity is within one standard error of it ("within_se"), for a noisy curve.
+
+    Returns:
+        {"label", "steps", "identity", "identity_se", "editability", "editability_se",
+        "seconds", "within_se": {"label", "steps", "seconds", "identity"}}, or None when
+        no `reference` row has an identity and a time.
+    """
+    rows = sorted(
+        (
+            (m.get("steps") or 0, label, m)
+            for label, m in methods.items()
+            if m.get("method", label.partition(":")[0]) == reference
+            and m.get("identity") is not None
+            and m.get("seconds_per_concept") is not None
+        ),
+        key=lambda row: (row[0], row[1]),
+    )
+    if not rows:
+        return None
+    best = max(m["identity"] for _, _, m in rows)
+    steps, label, plateau = next(row for row in rows if row[2]["identity"] >= best)
+    se = standard_error(plateau, "identity") or 0.0
+    near_steps, near_label, near = next(row for row in rows if row[2]["identity"] >= best - se)
+    return {
+        "label": label,
+        "steps": steps,
+        "identity": plateau["identity"],
+        "identity_se": standard_error(plateau, "identity"),
+        "editability": plateau.get("editability"),
+        "editability_se": standard_error(plateau, "editability"),
+        "seconds": plateau["seconds_per_concept"],
+        "within_se": {
+            "label": near_label,
+            "steps": near_steps,
+            "seconds": near["seconds_per_concept"],
+            "identity": near["identity"],
+        },
+    }
+
+
+def _with_se(method: dict, metric: str) -> str:
+    value, se = method.get(metric), standard_error(method, metric)
+    if value is None:
+        return "–"
+    return _format(value, "percent") + (f" ± {100 * se:.1f}" if se is not None else "")
+
+
+def quality_time_lines(results: dict) -> list[str]:
+    """The quality-time table: every method's identity and editability (± one standard error
+    over concepts) against its seconds per concept, relative to classic's plateau."""
+    methods = results["methods"]
+    plateau = classic_plateau(methods)
+    if plateau is None:
+        return []
+    near = plateau["within_se"]
+    lines = [
+        "",
+        f"Quality against time. Classic's plateau: {_format(plateau['identity'], 'percent')} "
+        f"identity at {plateau['label']}, first reached after "
+        f"{_format(plateau['seconds'], 'seconds')} s per concept (within one standard error "
+        f"of it from {near['label']}, {_format(near['seconds'], 'seconds')} s); ± is one "
+        "standard error over concepts.",
+        "",
+        "| method | identity | editability | s / concept | identity / plateau's | time "
+        "to plateau / time |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    ordered = sorted(
+        methods.items(), key=lambda item: (item[1].get("seconds_per_concept") or 0, item[0])
+    )
+    for label, method in ordered:
+        seconds, identity = method.get("seconds_per_concept"), method.get("identity")
+        share = "–"
+        if identity is not None and plateau["identity"]:
+            share = f"{100 * identity / plateau['identity']:.0f}%"
+        speed = f"{plateau['seconds'] / seconds:.1f}x" if seconds else "–"
+        lines.append(
+            f"| {label} | {_with_se(method, 'identity')} | {_with_se(method, 'editability')} | "
+            f"{_format(seconds, 'seconds')} | {share} | {speed} |"
+        )
+    return lines
+
+
+def plot_quality_time(results: dict, path: str | Path) -> Path | None:
+    """Identity and editability against seconds per concept (log axis), one curve per method
+    and settings (step counts joined), error bars of one standard error, classic's plateau
+    as a dashed line and the time it first reached it as a dotted one. None without times."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from ..io import atomic_path
+
+    methods = {
+        label: m
+        for label, m in results["methods"].items()
+        if m.get("seconds_per_concept") and m.get("identity") is not None
+    }
+    if not methods:
+        return None
+    plateau = classic_plateau(methods)
+    figure = Figure(figsize=(10.4, 4.6), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, 2)
+    colours: dict[str, str] = {}
+    for ax, metric in zip(axes, ("identity", "editability")):
+        labelled = []
+        for name, points in curves(methods, "seconds_per_concept", metric).items():
+            colour = colours.setdefault(name, f"C{len(colours) % 10}")
+            xs, ys = [p[1] for p in points], [p[2] for p in points]
+            errors = [standard_error(methods[p[3]], metric) or 0.0 for p in points]
+            style = "o-" if len(points) > 1 else "o"
+            ax.errorbar(
+                xs, ys, yerr=errors, fmt=style, color=colour, alpha=0.8, capsize=2, label=name
+            )
+            labelled += [(x, y, p[3], colour) for x, y, p in zip(xs, ys, points)]
+        if plateau is not None and plateau.get(metric) is not None:
+            ax.axhline(plateau[metric], color="grey", ls="--", lw=1, label="classic's plateau")
+            ax.axvline(plateau["seconds"], color="grey", ls=":", lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("seconds per concept (log)")
+        ax.set_ylabel(f"{metric} (oracle)")
+        ax.set_title(f"{metric} against time")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+        figure.draw_without_rendering()
+        _place_labels(ax, labelled, fontsize=7)
+    figure.suptitle(f"quality against time: {Path(str(results['suite'])).name}")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120)
+    return path
+
+
 def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
-    """Write results.md, tradeoff.png and check.png into `out_dir`; returns name -> path."""
+    """Write results.md, tradeoff.png, quality_time.png and check.png into `out_dir`;
+    returns name -> path."""
     from ..io import atomic_write_text
 
     out = Path(out_dir)
@@ -312,6 +528,9 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
     plot = plot_tradeoff(results, out / "tradeoff.png")
     if plot is not None:
         written["plot"] = plot
+    quality_time = plot_quality_time(results, out / "quality_time.png")
+    if quality_time is not None:
+        written["quality_time"] = quality_time
     check = plot_check(results, out / "check.png")
     if check is not None:
         written["check"] = check

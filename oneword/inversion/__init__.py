@@ -7,6 +7,7 @@ from .invert import (
     PreparedImages,
     invert,
     invert_many,
+    invert_together,
     prepare_images,
 )
 from .templates import OBJECT_TEMPLATES, STYLE_TEMPLATES, load_templates
@@ -20,6 +21,7 @@ __all__ = [
     "PreparedImages",
     "invert",
     "invert_many",
+    "invert_together",
     "load_templates",
     "prepare_images",
 ]

@@ -1150,10 +1150,52 @@ def invert_many(
     return results
 
 
+def invert_together(
+    model, concepts: Sequence[ConceptSpec], config: InversionConfig | None = None
+) -> list[dict]:
+    """Learn a few concepts in one UNet batch and write nothing (one chunk of `invert_many`).
+
+    Each concept keeps its own placeholder, generator and Adam state (see `invert_many`),
+    so each gets its single-run gradient. For callers that store results their own way
+    (the encoder's target factory, `oneword.encoder.targets`).
+
+    Args:
+        model: a `LoadedModel` (the placeholders are added to it).
+        concepts: the concepts of this UNet batch (UNet batch = len(concepts) * config.batch).
+        config: shared `InversionConfig`; no checkpoints, no samples.
+
+    Returns:
+        Per concept, in order: {"name", "vectors" (per text encoder (K, d) fp32, CPU),
+        "losses" (per step; None where skipped), "final_loss_ema", "steps_done",
+        "nonfinite_steps", "seconds" (the whole batch's wall time: preparing and training)}.
+    """
+    config = config or InversionConfig()
+    config.check()
+    started = time.perf_counter()
+    templates = load_templates(config.templates)
+    clip = _load_clip(model, config)
+    prepared = [_prepare(model, spec, config, templates, clip) for spec in concepts]
+    run = _train(model, prepared, config, clip=clip)
+    seconds = time.perf_counter() - started
+    return [
+        {
+            "name": concept.name,
+            "vectors": [leaf.detach().cpu().clone() for leaf in concept.leaves],
+            "losses": list(concept.losses),
+            "final_loss_ema": concept.ema,
+            "steps_done": run["steps_done"],
+            "nonfinite_steps": concept.nonfinite_total,
+            "seconds": seconds,
+        }
+        for concept in prepared
+    ]
+
+
 __all__ = [
     "ConceptSpec",
     "InversionConfig",
     "InversionResult",
     "invert",
     "invert_many",
+    "invert_together",
 ]

@@ -1,6 +1,8 @@
-"""`oneword world ...`: train's flags (from train_world.py), suite and shards."""
+"""`oneword world ...`: train's flags (from train_world.py), suite (either split) and shards."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 from conftest import root_script
@@ -33,6 +35,25 @@ def test_world_suite_and_shards_commands(tmp_path):
         == 0
     )
     assert len(list((tmp_path / "shards").glob("*.tar"))) == 3
+
+
+def test_world_suite_writes_either_split(tmp_path):
+    from oneword.cli import main
+    from oneword.datasets.suite import write_world_suite
+    from oneword.datasets.world import HELD_OUT, VALIDATION
+
+    assert main(["world", "suite", "--split", "validation", "--images", "1", "--out", str(tmp_path / "v")]) == 0  # fmt: skip
+    suite = json.loads((tmp_path / "v" / "suite.json").read_text())
+    assert suite["concepts"] == [i.name for i in VALIDATION]
+    concept = json.loads((tmp_path / "v" / VALIDATION[0].name / "concept.json").read_text())
+    assert concept["attributes"]["colour"] == VALIDATION[0].colour
+    # The default is the test split, byte for byte what the library writes for HELD_OUT.
+    assert main(["world", "suite", "--images", "1", "--out", str(tmp_path / "t")]) == 0
+    reference = write_world_suite(tmp_path / "ref", images_per_concept=1)
+    files = sorted(p.relative_to(reference) for p in reference.rglob("*") if p.is_file())
+    assert len(files) == 1 + 2 * len(HELD_OUT)
+    for name in files:
+        assert (tmp_path / "t" / name).read_bytes() == (reference / name).read_bytes(), name
 
 
 def test_cli_flags_override_the_preset():

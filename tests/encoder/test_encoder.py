@@ -330,7 +330,7 @@ def test_world_source_sets_are_one_identity_in_other_scenes_and_never_held_out()
     assert torch.equal(again["targets"], batch["targets"]) and again["names"] == batch["names"]
     other_rank = WorldConceptSets(**_sizes(rank=1)).batch(5)
     assert not torch.equal(other_rank["targets"], batch["targets"])
-    with pytest.raises(OnewordError, match="held out"):
+    with pytest.raises(OnewordError, match="validation or test split"):
         WorldConceptSets(identities=[HELD_OUT[0], training_identities()[0]], **_sizes())
 
 

@@ -255,3 +255,68 @@ def test_flux_encoder_predicts_clip_l_and_t5_rows(tiny_flux_dir, tmp_path):
     assert code == 0
     emb = load_embedding(encoded / "learned_embeds.safetensors")
     assert emb.encoder_keys == ("clip_l", "t5") and emb.widths == [32, 64]
+
+
+def _table_regression_loss(head, regression, model) -> float:
+    """mean_k ||v - v*||^2 / ||c||^2 over every target, from all of its images."""
+    from oneword.encoder.model import class_word_rows
+
+    losses = []
+    with torch.no_grad():
+        for index in range(len(regression.table)):
+            pooled, tokens = regression.features(index)
+            c = class_word_rows(model, regression.table.class_words[index], 1)[0].unsqueeze(0)
+            rows = head(pooled.unsqueeze(0), tokens.unsqueeze(0), [c]).rows[0]
+            target = regression.rows[0][index].unsqueeze(0)
+            losses.append(float(((rows - target).pow(2).sum(-1) / c.pow(2).sum(-1)).mean()))
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.slow
+def test_regression_onto_the_target_table_reduces_its_loss(tiny_world_dir, tmp_path):
+    from oneword.encoder.features import Featurizer, load_tower
+    from oneword.encoder.model import ConceptEncoder, load_encoder
+    from oneword.encoder.targets import FactoryConfig, TargetRegression, run_factory
+    from oneword.models import load_model
+
+    model = load_model(tiny_world_dir, device="cpu")
+    factory = FactoryConfig(steps=10, lr=0.05, identities=4, image_sets=2, images=3, quiet=True)
+    run_factory(model, factory, tmp_path / "targets")
+    out = tmp_path / "run"
+    extra = ["--objective", "regress", "--target-table", str(tmp_path / "targets")]
+    extra += ["--steps", "40", "--lr", "1e-2", "--val-every", "100", "--log-every", "10"]
+    extra += ["--offset-scale", "30"]  # the targets lie far from the tiny class words
+    assert _run(tiny_world_dir, out, *extra) == 0
+    train = _records(out, "train")
+    assert all(r["regress"] > 0 and r["denoise"] == 0 for r in train)  # no UNet in the loop
+    (table,) = _records(out, "target_table")
+    assert table["count"] == 8 and table["identities"] == 4
+    # On the whole table, the trained head is much closer to the targets than the untrained
+    # one (which predicts the class word).
+    tower = load_tower("world", model_folder=str(tiny_world_dir))
+    regression = TargetRegression(
+        train_encoder.load_targets(tmp_path / "targets"),
+        Featurizer(tower, model),
+        model.resolution,
+        "cpu",
+    )
+    trained = load_encoder(out / "encoder.safetensors")
+    untrained = ConceptEncoder(trained.config).eval()
+    before = _table_regression_loss(untrained, regression, model)
+    after = _table_regression_loss(trained, regression, model)
+    assert after < 0.5 * before, (before, after)
+    # mix: both terms, here started from the regression run's encoder.
+    extra = ["--objective", "mix", "--target-table", str(tmp_path / "targets"), "--steps", "2"]
+    extra += ["--init-encoder", str(out / "encoder.safetensors"), "--offset-scale", "30"]
+    assert _run(tiny_world_dir, tmp_path / "mix", *extra, "--val-every", "100", "--lr", "1e-9") == 0
+    mixed = _records(tmp_path / "mix", "train")
+    assert all(r["regress"] > 0 and r["denoise"] > 0 for r in mixed)
+    # It starts where the regression run ended: on the same first batch, a fresh head is
+    # further from the targets.
+    fresh = ["--objective", "mix", "--target-table", str(tmp_path / "targets"), "--steps", "1"]
+    fresh += ["--offset-scale", "30", "--val-every", "100"]
+    assert _run(tiny_world_dir, tmp_path / "mix0", *fresh) == 0
+    assert mixed[0]["regress"] < 0.5 * _records(tmp_path / "mix0", "train")[0]["regress"]
+    assert _run(tiny_world_dir, tmp_path / "bad", "--objective", "regress") == 2
+    extra = ["--init-encoder", str(out / "encoder.safetensors"), "--dim", "16", "--steps", "1"]
+    assert _run(tiny_world_dir, tmp_path / "bad2", *extra) == 2

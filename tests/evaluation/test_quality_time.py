@@ -1,0 +1,132 @@
+"""The quality-time report on synthetic rows: classic's plateau, the seconds to first reach
+it, standard errors over concepts, the table and the log-time plot."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from oneword.evaluation.report import (
+    choose_threshold,
+    classic_plateau,
+    format_table,
+    plot_quality_time,
+    quality_time_lines,
+    standard_error,
+    write_report,
+)
+
+
+def _method(label: str, identities: list[float], seconds: float, editability: float) -> dict:
+    name, _, arg = label.partition(":")
+    steps = int(arg.split(":")[0]) if arg and arg.split(":")[0].isdigit() else None
+    rows = [
+        {"concept": f"c{i}", "identity": v, "editability": editability, "seconds": seconds}
+        for i, v in enumerate(identities)
+    ]
+    return {
+        "method": name,
+        "arg": arg or None,
+        "steps": steps,
+        "identity": sum(identities) / len(identities),
+        "editability": editability,
+        "seconds_per_concept": seconds,
+        "per_concept": rows,
+    }
+
+
+def _results() -> dict:
+    # Classic rises to 0.5 at 100 steps and stays there (150: the same mean, later).
+    methods = {
+        "classword": _method("classword", [0.0, 0.0, 0.0, 0.0], 0.0, 0.1),
+        "classic:10": _method("classic:10", [0.0, 0.25, 0.25, 0.0], 1.0, 0.2),
+        "classic:50": _method("classic:50", [0.25, 0.5, 0.5, 0.5], 5.0, 0.3),
+        "classic:100": _method("classic:100", [0.5, 0.5, 0.5, 0.5], 10.0, 0.35),
+        "classic:150": _method("classic:150", [0.25, 0.75, 0.5, 0.5], 15.0, 0.4),
+        "encoder": _method("encoder", [0.25, 0.25, 0.5, 0.5], 0.05, 0.3),
+        "encoder+refine:10": _method("encoder+refine:10", [0.5, 0.5, 0.5, 0.75], 0.5, 0.36),
+    }
+    return {
+        "suite": "runs/suite-test",
+        "model": "checkpoints/world",
+        "family": "sd1",
+        "device": "cpu",
+        "samples": 4,
+        "seed": 0,
+        "concepts": ["c0", "c1", "c2", "c3"],
+        "methods": methods,
+    }
+
+
+def test_standard_error_over_concepts():
+    method = _method("classic:50", [0.25, 0.5, 0.5, 0.5], 5.0, 0.3)
+    # mean 0.4375, sample variance 0.015625, n 4 -> se 0.0625
+    assert standard_error(method, "identity") == pytest.approx(0.0625)
+    assert standard_error(method, "editability") == pytest.approx(0.0)
+    assert standard_error(_method("x", [0.5], 1.0, 0.1), "identity") is None
+
+
+def test_classic_plateau_and_the_seconds_to_first_reach_it():
+    plateau = classic_plateau(_results()["methods"])
+    assert plateau["identity"] == pytest.approx(0.5)
+    assert plateau["label"] == "classic:100"  # the first to reach 0.5, not 150 (also 0.5)
+    assert plateau["seconds"] == pytest.approx(10.0) and plateau["steps"] == 100
+    assert plateau["editability"] == pytest.approx(0.35)
+    assert plateau["identity_se"] == pytest.approx(0.0)
+    # Within one standard error: classic:100 has se 0, so it is classic:100 again; with a
+    # noisier plateau, classic:50 (0.4375) would count.
+    assert plateau["within_se"]["label"] == "classic:100"
+    methods = _results()["methods"]
+    methods["classic:100"] = _method("classic:100", [0.25, 0.75, 0.75, 0.25], 10.0, 0.35)
+    methods["classic:150"] = _method("classic:150", [0.25, 1.0, 0.75, 0.25], 15.0, 0.4)
+    noisy = classic_plateau(methods)
+    assert noisy["label"] == "classic:150" and noisy["identity"] == pytest.approx(0.5625)
+    assert noisy["within_se"]["label"] == "classic:50"  # 0.4375 >= 0.5625 - 0.1875
+    assert classic_plateau({"encoder": methods["encoder"]}) is None
+
+
+def test_the_quality_time_table_and_plot(tmp_path):
+    results = _results()
+    lines = quality_time_lines(results)
+    text = "\n".join(lines)
+    assert "first reached after 10 s per concept" in text
+    encoder = next(line for line in lines if line.startswith("| encoder |"))
+    # identity 37.5% ± 7.2, 75% of the plateau, 200x less time than classic needed.
+    assert "37.5% ± 7.2" in encoder and "| 75% |" in encoder and "200.0x" in encoder
+    refine = next(line for line in lines if line.startswith("| encoder+refine:10 |"))
+    assert "| 112% |" in refine and "20.0x" in refine
+    assert text in format_table(results)  # results.md holds it
+    path = plot_quality_time(results, tmp_path / "quality_time.png")
+    with Image.open(path) as image:
+        assert image.size[0] > image.size[1] > 300
+    written = write_report(results, tmp_path / "report")
+    assert written["quality_time"].is_file() and (tmp_path / "report" / "results.md").is_file()
+    # Without timed rows there is no plot and no table.
+    empty = {**results, "methods": {}}
+    assert plot_quality_time(empty, tmp_path / "none.png") is None
+    assert quality_time_lines(empty) == []
+
+
+def _scored(pairs: list[tuple[float, float]]) -> list[dict]:
+    return [{"concept": f"c{i}", "identity": v, "check_score": c} for i, (v, c) in enumerate(pairs)]
+
+
+def test_choose_threshold_meets_both_fallback_targets_when_it_can():
+    # Wrong ones (identity < 0.5) score 1.0 .. 1.4, right ones 0.5 .. 0.95. 4 of 5 wrong
+    # ones sent needs t < 1.1; at most 1 of 10 right ones sent needs t >= 0.9.
+    rows = _scored(
+        [(0.0, 1.0 + 0.1 * i) for i in range(5)] + [(1.0, 0.5 + 0.05 * i) for i in range(10)]
+    )
+    chosen = choose_threshold(rows)
+    assert chosen["met"] and chosen["interval"] == pytest.approx([0.9, 1.1])
+    assert chosen["threshold"] == pytest.approx(1.0)
+    # 10 wrong, 10 right, overlapping: sending >= 8 wrong needs t < 0.3 (the 8th highest
+    # wrong score); sparing all but 1 right needs t >= 0.8 (the 2nd highest right score).
+    wrong = [(0.0, s) for s in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)]
+    right = [(1.0, s) for s in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)]
+    chosen = choose_threshold(_scored(wrong + right))
+    assert not chosen["met"] and chosen["interval"] is None
+    assert 0.2 < chosen["threshold"] < 0.3  # still catches 8 of the 10 wrong ones
+    flagged = sum(r["check_score"] > chosen["threshold"] for r in _scored(wrong))
+    assert flagged == 8
+    assert choose_threshold(_scored(right)) is None  # no wrong concept: nothing to choose
