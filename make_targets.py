@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         from accelerate import PartialState
 
         from oneword.cli.config import config_from_flags
+        from oneword.io import prepare_out_dir
         from oneword.models import load_model
 
         if args.threads:
@@ -115,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         # One process per device under accelerate launch / torchrun (gloo on the CPU).
         cpu = args.device == "cpu" or not torch.cuda.is_available()
         state = PartialState(cpu=cpu)
+        # Checked and owned before the model loads; each rank holds its own lock, so the
+        # ranks of one job share the folder while a second job on it is refused.
+        owned = prepare_out_dir(args.out, rank=state.process_index)  # noqa: F841
         device = args.device or str(state.device)
         config = config_from_flags(args, FactoryConfig)
         config.quiet = config.quiet or not state.is_local_main_process  # one bar per machine

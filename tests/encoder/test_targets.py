@@ -237,3 +237,14 @@ def test_load_targets_refuses_other_files(tmp_path):
 
 def test_target_spec_key():
     assert TargetSpec(HELD_OUT[0], 3).key == f"{HELD_OUT[0].name}@3"
+
+
+def test_make_targets_refuses_an_out_that_cannot_be_a_folder_before_loading(tmp_path, capsys):
+    make_targets = root_script("make_targets")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    # The model path does not exist: the folder check must come first, or this names the model.
+    args = ["--model", str(tmp_path / "no-model"), "--out", str(blocker / "f"), "--device", "cpu"]
+    assert make_targets.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(blocker) in err and "file" in err, err
