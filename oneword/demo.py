@@ -54,7 +54,7 @@ def write_concept_images(
 
 def run_demo(args) -> int:
     from .datasets import world
-    from .encode import DEFAULT_ENCODER
+    from .encoder.encode import DEFAULT_ENCODER
     from .images import load_images, save_grid
     from .inversion import InversionConfig, invert
     from .models import load_model
@@ -95,7 +95,7 @@ def run_demo(args) -> int:
         print(f"no encoder at {encoder_path}: learning the token by classic inversion")
         encoder_path = None
     if encoder_path is not None:
-        from .encode import encode
+        from .encoder.encode import encode
         from .encoder.model import load_encoder
 
         result = encode(
@@ -152,7 +152,7 @@ def add_demo_parser(subparsers) -> None:
         epilog="examples:\n  oneword demo\n  oneword demo --concept teal-square-split --out runs/demo\n"
         "  oneword demo --images my_shapes/ --init star",
     )
-    from .encode import DEFAULT_ENCODER
+    from .encoder.encode import DEFAULT_ENCODER
     from .models import DEFAULT_MODEL
 
     parser.add_argument(

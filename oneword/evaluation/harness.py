@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..encoder.methods import register_encoder_methods
 from ..errors import OnewordError
 from ..io import atomic_path, atomic_write_text
+from .methods import register_encoder_methods
 from .metrics import (
     fallback_rates,
     load_clip_scorer,
@@ -103,7 +103,7 @@ class EvalConfig:
                 )
         if self.seed < 0:
             raise OnewordError(f"--seed must be >= 0, got {self.seed}")
-        from ..encode import CHECKS
+        from ..encoder.encode import CHECKS
 
         if self.check not in CHECKS:
             raise OnewordError(f"--check must be one of {', '.join(CHECKS)}, got {self.check!r}")
@@ -322,7 +322,7 @@ def register_method(
         ARG_CHECKS[name] = check_arg
 
 
-# "encoder" and "encoder+refine:K" (oneword/encoder/methods.py), known before any parser lists them.
+# "encoder" and "encoder+refine:K" (oneword/evaluation/methods.py), known before any parser lists them.
 register_encoder_methods()
 
 
@@ -572,7 +572,7 @@ def _check_score(
     check's class-word samples) depends only on the concept and the seed, so it is made
     once per concept (`reference.check`) and shared by every method.
     """
-    from ..encode import ClipCheck, EncodeConfig, LossCheck
+    from ..encoder.encode import ClipCheck, EncodeConfig, LossCheck
 
     if len(learned.placeholders) != 1:
         return None
@@ -702,7 +702,7 @@ def evaluate(
         load_dino_scorer(config.dino, device) if config.dino else None,
     )
     # "auto" and the default threshold mean what they mean for `oneword encode`.
-    from ..encode import EncodeConfig, resolve_check
+    from ..encoder.encode import EncodeConfig, resolve_check
 
     check = resolve_check(
         EncodeConfig(check=config.check, threshold=config.check_threshold, clip=config.clip),
@@ -902,7 +902,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Register `oneword eval` on an argparse subparsers object."""
-    from ..encode import CHECKS
+    from ..encoder.encode import CHECKS
     from ..models import add_model_argument
 
     defaults = EvalConfig()

@@ -14,7 +14,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from ..errors import OnewordError
-from .invert import ConceptSpec, InversionConfig
+from ..inversion.invert import ConceptSpec, InversionConfig
 
 EXAMPLES = """\
 examples:
@@ -220,8 +220,8 @@ def _shard_and_device(device):
 
 def run_invert(args: argparse.Namespace) -> int:
     """`oneword invert ...`."""
+    from ..inversion.invert import invert, invert_many
     from ..models import load_model
-    from .invert import invert, invert_many
 
     config = resolve_config(args)
     if args.concepts is None and (not args.token or not args.init):
@@ -256,7 +256,7 @@ def run_invert(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    """`python -m oneword.inversion.cli invert ...` (same as `oneword invert ...`)."""
+    """`python -m oneword.cli.invert invert ...` (same as `oneword invert ...`)."""
     parser = argparse.ArgumentParser(prog="oneword")
     add_invert_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

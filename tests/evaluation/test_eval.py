@@ -602,7 +602,7 @@ def test_clip_check_scores_are_oneword_encodes(tiny_world_dir, world_suite, tmp_
     # --check clip: each token's score is what `oneword encode --check clip` computes for the
     # same rows and images (samples of "a photo of a S*" against the class word's).
     from oneword.embeddings import load_into_model
-    from oneword.encode import ClipCheck, EncodeConfig
+    from oneword.encoder.encode import ClipCheck, EncodeConfig
     from oneword.images import load_images
     from oneword.models import load_model
 
@@ -656,7 +656,7 @@ def _merge_module():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "merge_eval.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "merge_eval.py"
     spec = importlib.util.spec_from_file_location("merge_eval", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("train_encoder", ROOT / "train_encoder.py")
 train_encoder = importlib.util.module_from_spec(spec)
 sys.modules["train_encoder"] = train_encoder  # dataclasses look their module up there

@@ -12,7 +12,7 @@ import torch
 from oneword.datasets import world
 from oneword.world.oracle import Oracle
 
-WORLD = Path(__file__).resolve().parents[1] / "checkpoints" / "world"
+WORLD = Path(__file__).resolve().parents[2] / "checkpoints" / "world"
 pytestmark = pytest.mark.skipif(not (WORLD / "model_index.json").exists(), reason="no world")
 
 

@@ -3,7 +3,7 @@
 - "encoder": the prediction alone (one forward pass of the image tower and the head);
   cost = its seconds and no UNet pass.
 - "encoder+refine:K": the prediction, then K steps of classic inversion warm-started from
-  it and pulled toward it (`oneword.encode`, default K = `EncodeConfig.refine_steps`);
+  it and pulled toward it (`oneword.encoder.encode`, default K = `EncodeConfig.refine_steps`);
   cost = the encoder's seconds plus K UNet passes. Refinement settings other than the
   defaults follow the step count: "encoder+refine:50:lr=1e-2:l2=0" (`EncodeConfig`'s
   `refine_lr` and `l2_weight`), so arms of one setting sit side by side in one report.
@@ -38,7 +38,7 @@ REFINE_SETTINGS = {"lr": "refine_lr", "l2": "l2_weight"}
 def refine_settings(arg: str | None) -> dict:
     """ "encoder+refine:K[:lr=X][:l2=Y]" -> `encode` settings: {"refine_steps": K,
     "refine_lr": X, "l2_weight": Y}, each only when given (the rest: `EncodeConfig`'s)."""
-    from ..encode import MAX_REFINE_STEPS, EncodeConfig
+    from ..encoder.encode import MAX_REFINE_STEPS, EncodeConfig
 
     if arg is None:
         return {}
@@ -71,9 +71,9 @@ def refine_settings(arg: str | None) -> dict:
 
 
 def _encoder_and_tower(run, model):
-    from ..encode import DEFAULT_ENCODER
-    from .features import load_tower
-    from .model import check_compatible, load_encoder
+    from ..encoder.encode import DEFAULT_ENCODER
+    from ..encoder.features import load_tower
+    from ..encoder.model import check_compatible, load_encoder
 
     path = Path(getattr(run, "encoder", None) or DEFAULT_ENCODER)
     if not path.is_file():
@@ -94,8 +94,8 @@ def _encoder_and_tower(run, model):
 
 def _learn(model, concept, run, method: str, **settings):
     """`encode` with `settings` (what is not given: `EncodeConfig`'s defaults), no check."""
-    from ..encode import encode
-    from ..evaluation.harness import LearnedToken
+    from ..encoder.encode import encode
+    from .harness import LearnedToken
 
     encoder, tower = _encoder_and_tower(run, model)
     started = time.perf_counter()
@@ -154,7 +154,7 @@ def encoder_refine_method(model, concept, run):
 
 def register_encoder_methods() -> None:
     """Add "encoder" and "encoder+refine" to `oneword.evaluation.harness.METHODS`."""
-    from ..evaluation.harness import register_method
+    from .harness import register_method
 
     register_method("encoder", encoder_method, _no_arg)
     register_method("encoder+refine", encoder_refine_method, refine_settings)

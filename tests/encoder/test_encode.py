@@ -17,7 +17,7 @@ import torch
 
 from oneword.cli import main
 from oneword.datasets.world import HELD_OUT
-from oneword.encode import EncodeConfig, encode
+from oneword.encoder.encode import EncodeConfig, encode
 from oneword.encoder.features import load_tower
 from oneword.encoder.model import (
     ConceptEncoder,
@@ -29,7 +29,7 @@ from oneword.encoder.model import (
 from oneword.errors import OnewordError
 from oneword.models import load_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Small settings for every call; the loss check unless a test says otherwise.
 FAST = dict(check="loss", check_draws=4, samples=False, quiet=True)
 
@@ -184,7 +184,7 @@ def test_an_untrained_encoder_scores_exactly_the_class_word(model, tower, concep
 def test_auto_check_is_clip_where_the_model_has_a_clip_else_loss(tiny_world_dir, tiny_sd1_dir):
     from types import SimpleNamespace
 
-    from oneword.encode import THRESHOLDS, resolve_check
+    from oneword.encoder.encode import THRESHOLDS, resolve_check
 
     world = SimpleNamespace(extra={"folder": str(tiny_world_dir)})
     plain = SimpleNamespace(extra={"folder": str(tiny_sd1_dir)})
@@ -353,8 +353,8 @@ def test_eval_runs_the_encoder_methods(tiny_world_dir, tiny_encoder, tmp_path, c
 
 
 def test_refine_settings_in_the_method_argument_reach_encode(monkeypatch):
-    import oneword.encode
-    from oneword.encoder import methods
+    import oneword.encoder.encode
+    from oneword.evaluation import methods
     from oneword.evaluation.harness import MethodRun, parse_methods
 
     assert methods.refine_settings("50:lr=1e-2:l2=0") == {
@@ -381,7 +381,7 @@ def test_refine_settings_in_the_method_argument_reach_encode(monkeypatch):
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(methods, "_encoder_and_tower", lambda run, model: (None, None))
-    monkeypatch.setattr(oneword.encode, "encode", fake_encode)
+    monkeypatch.setattr(oneword.encoder.encode, "encode", fake_encode)
     concept = type("Concept", (), {"class_word": "circle"})()
     with pytest.raises(RuntimeError, match="stop here"):
         methods.encoder_refine_method(None, concept, MethodRun("20:l2=0.5", "<t>", [], 0))

@@ -19,15 +19,15 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from oneword.cli.invert import load_concepts, main, resolve_config
 from oneword.errors import OnewordError
 from oneword.inversion import ConceptSpec, InversionConfig, invert, invert_many, load_templates
 from oneword.inversion import checkpoint as ckpt
-from oneword.inversion.cli import load_concepts, main, resolve_config
 from oneword.inversion.templates import fill
 from oneword.models import load_model
 from oneword.tokens import add_placeholder, get_rows
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # The module, not the function `oneword.inversion.invert` that the package re-exports.
 invert_module = importlib.import_module("oneword.inversion.invert")
 
@@ -507,7 +507,7 @@ def test_templates_and_config_file(tmp_path):
 
     import argparse
 
-    from oneword.inversion.cli import add_invert_parser
+    from oneword.cli.invert import add_invert_parser
 
     parser = argparse.ArgumentParser()
     add_invert_parser(parser.add_subparsers())

@@ -56,7 +56,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import OnewordError
+from ..errors import OnewordError
 
 log = logging.getLogger("oneword.encode")
 
@@ -217,7 +217,7 @@ def _resolve_config(config: EncodeConfig | None, settings: dict) -> EncodeConfig
 
 def resolve_check(config: EncodeConfig, model) -> EncodeConfig:
     """`config` with "auto" replaced by the check it means for `model`, and a threshold."""
-    from .evaluation.metrics import has_world_clip
+    from ..evaluation.metrics import has_world_clip
 
     check = config.check
     if check == "auto":
@@ -230,7 +230,7 @@ def resolve_check(config: EncodeConfig, model) -> EncodeConfig:
 
 
 def _inversion_config(config: EncodeConfig, vectors: int, **overrides):
-    from .inversion import InversionConfig
+    from ..inversion import InversionConfig
 
     settings = dict(
         vectors=vectors,
@@ -263,8 +263,8 @@ class LossCheck:
     """
 
     def __init__(self, model, images, class_word: str, config: EncodeConfig, batch: int = 8):
-        from .images import images_to_tensor
-        from .inversion.templates import fill, load_templates
+        from ..images import images_to_tensor
+        from ..inversion.templates import fill, load_templates
 
         self.model, self.batch, self.unet_passes = model, batch, 0
         draws = config.check_draws
@@ -288,7 +288,7 @@ class LossCheck:
 
     @torch.no_grad()
     def _mean_loss(self, prompts: list[str]) -> float:
-        from .inversion.objective import denoising_loss, encode_prompts
+        from ..inversion.objective import denoising_loss, encode_prompts
 
         losses = []
         for start in range(0, len(prompts), self.batch):
@@ -303,8 +303,8 @@ class LossCheck:
 
     def score(self, placeholder) -> float:
         """The placeholder's current rows, scored (lower is better; 1.0 = the class word)."""
-        from .inversion.templates import fill
-        from .tokens import expand_prompt
+        from ..inversion.templates import fill
+        from ..tokens import expand_prompt
 
         prompts = [expand_prompt(fill(t, placeholder.token), [placeholder]) for t in self.templates]
         return self._mean_loss(prompts) / max(self.class_loss, 1e-12)
@@ -320,7 +320,7 @@ class ClipCheck:
 
     def __init__(self, model, images, class_word: str, config: EncodeConfig, scorer=None):
         """`scorer`: a loaded CLIP scorer to reuse (`oneword eval`); None loads `config.clip`."""
-        from .evaluation.metrics import load_clip_scorer
+        from ..evaluation.metrics import load_clip_scorer
 
         folder = model.extra.get("folder") if isinstance(model.extra, dict) else None
         self.scorer = scorer or load_clip_scorer(config.clip, folder, model.device)
@@ -334,8 +334,8 @@ class ClipCheck:
         self.class_distance = self._distance(class_word, [])
 
     def _distance(self, word: str, placeholders) -> float:
-        from .evaluation.metrics import pairwise_similarity
-        from .sampling import generate
+        from ..evaluation.metrics import pairwise_similarity
+        from ..sampling import generate
 
         samples = generate(
             self.model,
@@ -357,9 +357,9 @@ def _save_samples(path: Path, model, placeholder, images, config: EncodeConfig) 
     """Grid: the concept's images, then a reconstruction prompt and edits (as `invert` writes)."""
     from PIL import Image
 
-    from .images import save_grid
-    from .inversion.templates import OBJECT_SAMPLE_PROMPTS, STYLE_SAMPLE_PROMPTS, fill
-    from .sampling import generate
+    from ..images import save_grid
+    from ..inversion.templates import OBJECT_SAMPLE_PROMPTS, STYLE_SAMPLE_PROMPTS, fill
+    from ..sampling import generate
 
     columns = config.sample_seeds
     first_row = list(images[:columns])
@@ -415,12 +415,12 @@ def encode(
     Returns:
         `EncodeResult`; `vectors` per text encoder (K, d) fp32.
     """
-    from .embeddings import TokenEmbedding, save_model_token
-    from .encoder.features import load_tower
-    from .encoder.model import ConceptEncoder, check_compatible, encode_concept, load_encoder
-    from .inversion import invert
-    from .io import atomic_write_text
-    from .tokens import add_placeholder, get_rows, set_rows
+    from ..embeddings import TokenEmbedding, save_model_token
+    from ..inversion import invert
+    from ..io import atomic_write_text
+    from ..tokens import add_placeholder, get_rows, set_rows
+    from .features import load_tower
+    from .model import ConceptEncoder, check_compatible, encode_concept, load_encoder
 
     # 1. Settings, the encoder (refused early for another family or width), the images.
     config = resolve_check(_resolve_config(config, settings), model)
@@ -430,7 +430,7 @@ def encode(
         encoder = load_encoder(encoder, device=model.device)
     check_compatible(encoder.config, model)
     class_word = class_word or default_class_word(encoder)
-    from .images import fit_images
+    from ..images import fit_images
 
     images = fit_images(images, model.resolution)
     vectors = encoder.config.num_vectors
@@ -620,8 +620,8 @@ the fallback runs.
 
 def run_encode(args: argparse.Namespace) -> int:
     """`oneword encode ...`."""
-    from .encoder.model import load_encoder
-    from .models import load_model
+    from ..models import load_model
+    from .model import load_encoder
 
     settings = {
         "refine_steps": args.refine_steps,
@@ -666,7 +666,7 @@ def run_encode(args: argparse.Namespace) -> int:
 
 def add_encode_parser(subparsers) -> argparse.ArgumentParser:
     """Register `oneword encode` on an argparse subparsers object."""
-    from .models import add_model_argument
+    from ..models import add_model_argument
 
     defaults = EncodeConfig()
     parser = subparsers.add_parser(

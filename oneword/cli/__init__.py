@@ -10,8 +10,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from . import __version__
-from .errors import OnewordError
+from .. import __version__
+from ..errors import OnewordError
 
 EXAMPLES = """\
 examples:
@@ -41,7 +41,7 @@ def _info_parser(subparsers) -> None:
 
 
 def _run_info(args) -> int:
-    from .models import DEFAULT_MODEL, load_model
+    from ..models import DEFAULT_MODEL, load_model
 
     model = load_model(args.model or DEFAULT_MODEL, device="cpu")
     facts = model.describe()
@@ -64,13 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _info_parser(subparsers)
     # Each module registers its own subcommand; imports stay light until a command runs.
-    from .demo import add_demo_parser
-    from .embeddings import add_export_parser
-    from .encode import add_encode_parser
-    from .evaluation.harness import add_eval_parser
-    from .generate import add_generate_parser
-    from .inversion.cli import add_invert_parser
-    from .world.train import add_world_parser
+    from ..demo import add_demo_parser
+    from ..embeddings import add_export_parser
+    from ..encoder.encode import add_encode_parser
+    from ..evaluation.harness import add_eval_parser
+    from ..generate import add_generate_parser
+    from ..world.train import add_world_parser
+    from .invert import add_invert_parser
 
     add_demo_parser(subparsers)
     add_invert_parser(subparsers)
