@@ -86,9 +86,10 @@ from oneword.encoder.model import (
 )
 from oneword.errors import OnewordError
 from oneword.inversion import checkpoint as ckpt
-from oneword.inversion.objective import denoising_loss, encode_prompts
+from oneword.inversion.objective import denoising_loss
 from oneword.inversion.templates import fill, load_templates
 from oneword.models import DEFAULT_MODEL
+from oneword.prompts import encode_prompts
 from oneword.tokens import add_placeholder, expand_prompt, set_rows
 
 

@@ -38,7 +38,7 @@ if str(REPO) not in sys.path:  # run as a plain script from anywhere
 
 def build_world_sized_model(folder: Path, threads: int) -> Path:
     """The miniature world's architecture, one step per stage (random quality, real sizes)."""
-    from oneword.world.train import WorldTrainConfig, train_world
+    from train_world import WorldTrainConfig, train_world
 
     config = WorldTrainConfig(out=str(folder / "world"), work=str(folder / "work"), threads=threads)
     config = replace(

@@ -38,7 +38,9 @@ RESULTS=$(cd "$RESULTS" && pwd)
 # Fail in seconds, not after the training, when the machine lacks a package or the device.
 "$PYTHON" - "$DEVICE" <<'PY' | tee "$RESULTS/device.txt"
 import sys, torch, diffusers, transformers
-import oneword.world.train, oneword.world.fidelity  # noqa: F401
+import oneword.world.fidelity  # noqa: F401
+from oneword.cli.world import load_train_script
+assert load_train_script() is not None, "no train_world.py beside the oneword package"
 device = torch.device(sys.argv[1])
 if device.type == "cuda":
     assert torch.cuda.is_available(), "no CUDA device"

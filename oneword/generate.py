@@ -9,7 +9,6 @@ is written atomically.
 
 from __future__ import annotations
 
-import argparse
 import os
 import warnings
 from collections.abc import Sequence
@@ -19,14 +18,6 @@ from PIL import Image
 
 from .embeddings import TokenEmbedding, load_embedding, load_into_model
 from .errors import EmbeddingFileError, OnewordError
-
-EXAMPLES = """\
-examples:
-  oneword generate --embedding runs/cup/learned_embeds.safetensors \\
-      --prompt "a photo of <my-cup>" --prompt "<my-cup> on a green background" --out cup.png
-  oneword generate --model /models/sd15 --embedding cat.pt:'<cat>' --embedding style.safetensors \\
-      --prompt "a painting of <cat> in the style of <style>" --num 8 --seed 3 --out cat.png
-"""
 
 
 def parse_embedding_arg(value: str | os.PathLike) -> tuple[Path, str | None]:
@@ -120,6 +111,7 @@ def generate_with_embeddings(
     negative_prompt: str | None = None,
     scheduler: str = "ddim",
     device: str | None = None,
+    progress: bool = False,
 ) -> list[Image.Image]:
     """Sample prompts that use learned tokens.
 
@@ -135,6 +127,7 @@ def generate_with_embeddings(
         negative_prompt: the unconditional prompt (may use tokens too).
         scheduler: "ddim", "euler", "dpm" or "ddpm".
         device: where to load `model` when it is a path (default: CUDA if available).
+        progress: show a progress bar over the denoising steps.
 
     Returns:
         len(prompts) * num_per_prompt RGB images, prompt-major.
@@ -169,72 +162,5 @@ def generate_with_embeddings(
         seed=seed,
         negative_prompt=negative_prompt,
         scheduler=scheduler,
+        progress=progress,
     )
-
-
-# ---------------------------------------------------------------------------------------
-# CLI
-
-
-def run_generate(args: argparse.Namespace) -> int:
-    """`oneword generate ...`: write the grid and say where it is."""
-    from .images import save_grid
-    from .models import load_model
-
-    # Fail on a missing embedding file before the (slow) model load.
-    embeddings = [parse_embedding_arg(value) for value in args.embedding]
-    model = load_model(args.model, device=args.device)
-    images = generate_with_embeddings(
-        model,
-        embeddings,
-        args.prompt,
-        num_per_prompt=args.num,
-        steps=args.steps,
-        guidance=args.guidance,
-        seed=args.seed,
-        negative_prompt=args.negative,
-        scheduler=args.scheduler,
-    )
-    out = save_grid(images, args.out, columns=args.num, labels=list(args.prompt))
-    print(f"wrote {out} ({len(args.prompt)} prompts x {args.num} samples, seed {args.seed})")
-    return 0
-
-
-def add_generate_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `oneword generate` on an argparse subparsers object."""
-    from .models import add_model_argument
-    from .sampling import SCHEDULERS
-
-    parser = subparsers.add_parser(
-        "generate",
-        help="sample a grid of images with learned tokens (rows = prompts, columns = samples)",
-        description=__doc__,
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add = parser.add_argument
-    add_model_argument(parser)
-    add(
-        "--embedding",
-        action="append",
-        required=True,
-        metavar="FILE[:TOKEN]",
-        help="a learned token (any layout `oneword export` knows); repeat for several; "
-        ":TOKEN renames its trigger word",
-    )
-    add(
-        "--prompt",
-        action="append",
-        required=True,
-        help='e.g. "a painting of <t>"; repeat for more rows',
-    )
-    add("--negative", default=None, metavar="TEXT", help="negative prompt (default: empty)")
-    add("--steps", type=int, default=30, help="denoising steps (default: 30)")
-    add("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default: 5)")
-    add("--seed", type=int, default=0, help="sample j of every prompt uses seed + j (default: 0)")
-    add("--num", type=int, default=4, help="samples per prompt (default: 4)")
-    add("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
-    add("--device", default=None, help="cpu, cuda, ... (default: CUDA if available)")
-    add("--out", required=True, type=Path, help="the PNG grid to write")
-    parser.set_defaults(func=run_generate)
-    return parser

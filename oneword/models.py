@@ -211,12 +211,3 @@ def load_model(
         dtype=dtype,
         extra={"folder": str(folder), "index": index},
     )
-
-
-def add_model_argument(parser) -> None:
-    """The `--model` option every command shares (a diffusers folder or hub id)."""
-    parser.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"diffusers folder or hub id (default: {DEFAULT_MODEL})",
-    )

@@ -2,7 +2,7 @@
 
 `make_pipeline` wraps the model's own modules (no copies) in a diffusers
 `StableDiffusionPipeline` / `StableDiffusionXLPipeline`; `generate` encodes the prompts
-with the same code that training uses (`oneword.inversion.objective.encode_prompts`,
+with the same code that training uses (`oneword.prompts.encode_prompts`,
 multi-vector tokens expanded with `expand_prompt`) and passes the embeddings to the
 pipeline, so a token means at sampling time exactly what it meant during training.
 """
@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .errors import OnewordError
 from .tokens import Placeholder, expand_prompt
@@ -82,6 +83,7 @@ def generate(
     negative_prompt: str | None = None,
     scheduler: str = "ddim",
     pipeline=None,
+    progress: bool = False,
 ) -> list[Image.Image]:
     """Generate `num_per_prompt` images for each prompt.
 
@@ -100,11 +102,12 @@ def generate(
         negative_prompt: the unconditional prompt (default: empty; SDXL zeros, as diffusers).
         scheduler: see `make_pipeline`.
         pipeline: reuse a pipeline from `make_pipeline`.
+        progress: show a progress bar over every prompt's denoising steps.
 
     Returns:
         len(prompts) * num_per_prompt RGB images of model.resolution, prompt-major.
     """
-    from .inversion.objective import encode_prompts
+    from .prompts import encode_prompts
 
     pipe = pipeline if pipeline is not None else make_pipeline(model, scheduler)
     zero_negative = (
@@ -117,6 +120,16 @@ def generate(
         negative.hidden = torch.zeros_like(negative.hidden)
         negative.pooled = torch.zeros_like(negative.pooled)
     images: list[Image.Image] = []
+    # One bar over all prompts' denoising steps, moved by the pipeline's step callback (the
+    # pipeline's own bar stays off: it would restart for every prompt).
+    bar = tqdm(
+        total=len(prompts) * steps, desc="sampling", unit="step", disable=not progress, leave=False
+    )
+
+    def on_step_end(pipe, step, timestep, callback_kwargs):
+        bar.update(1)
+        return callback_kwargs
+
     for prompt in prompts:
         embeds = encode_prompts(model, [expand_prompt(prompt, placeholders)])  # (1, n, d)
         kwargs = {"prompt_embeds": embeds.hidden, "negative_prompt_embeds": negative.hidden}
@@ -138,6 +151,8 @@ def generate(
                 height=model.resolution,
                 width=model.resolution,
                 output_type="pil",
+                callback_on_step_end=on_step_end,
             )
         images.extend(result.images)
+    bar.close()
     return images

@@ -12,7 +12,12 @@ from __future__ import annotations
 import gzip
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 CLIP_VOCAB_SIZE = 49408
 MODEL_MAX_LENGTH = 77
@@ -96,3 +101,15 @@ def load_clip_tokenizer(folder: str | os.PathLike):
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(str(folder), model_max_length=MODEL_MAX_LENGTH)
+
+
+def tokenize(tokenizer, captions: Sequence[str], device) -> torch.Tensor:
+    """Captions -> (b, 77) input ids on `device`, exactly as diffusers' SD pipelines make them:
+    padded to the tokenizer's max length, truncated, no attention mask."""
+    return tokenizer(
+        list(captions),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(device)

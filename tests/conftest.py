@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+from pathlib import Path
+
 import pytest
 
 from oneword.tiny import build_tiny_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def root_script(name: str):
+    """A root script (train_world, train_encoder) imported as a module by its name, with the
+    repository root on sys.path (spawned worker processes import it the same way)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module(name)
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +47,12 @@ def tiny_world_dir(tmp_path_factory):
     and oracle/. For code paths that need the world's parts, not its quality."""
     from dataclasses import replace
 
-    from oneword.world.train import PRESETS, WorldTrainConfig, train_world
+    train = root_script("train_world")
+    PRESETS, WorldTrainConfig, train_world = (
+        train.PRESETS,
+        train.WorldTrainConfig,
+        train.train_world,
+    )
 
     root = tmp_path_factory.mktemp("world")
     cfg = replace(
@@ -41,3 +60,61 @@ def tiny_world_dir(tmp_path_factory):
     )
     train_world(cfg)
     return root / "world"
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_vision_dir(tmp_path_factory) -> Path:
+    """A tiny random transformers CLIP vision tower folder (width 32, 2 layers, 32 px,
+    8-px patches: 17 tokens, projection 24), as `transformers:FOLDER` towers load."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    folder = tmp_path_factory.mktemp("clip") / "tower"
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        config = CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+            projection_dim=24,
+        )
+        CLIPVisionModelWithProjection(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def world_tower(tiny_world_dir):
+    """The tiny world's own CLIP image tower (the encoder's "world" tower), frozen."""
+    from oneword.clip import load_tower
+
+    return load_tower("world", model_folder=tiny_world_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_world_dir, tmp_path_factory) -> Path:
+    """An encoder for the tiny world, trained for 2 steps (the tiny preset, no validation)."""
+    out = tmp_path_factory.mktemp("encoder") / "run"
+    args = ["--preset", "tiny", "--model", str(tiny_world_dir), "--out", str(out), "--quiet"]
+    main = root_script("train_encoder").main
+    assert main([*args, "--steps", "2", "--val-suite", "none"]) == 0
+    return out / "encoder.safetensors"
+
+
+def small_encoder_config(tower, model, **overrides):
+    """A small `EncoderConfig` (width 32, 2 queries, 2 heads) for `tower` and `model`."""
+    from oneword.encoder.model import EncoderConfig
+
+    settings = dict(
+        tower=tower.spec,
+        pooled_dim=tower.pooled_dim,
+        token_dim=tower.token_dim,
+        family=model.family,
+        widths=tuple(model.widths),
+        dim=32,
+        queries=2,
+        heads=2,
+    )
+    return EncoderConfig(**(settings | overrides))

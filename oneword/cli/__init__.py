@@ -6,7 +6,6 @@ Every bad input ends as one line on stderr that says what to do, and exit status
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 
@@ -23,36 +22,6 @@ examples:
 """
 
 
-def _info_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "info",
-        help="describe a model: family, widths, resolution, prediction type, vocabulary",
-        epilog="example:\n  oneword info checkpoints/world\n  oneword info /models/sd15 --json",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "model",
-        nargs="?",
-        default=None,
-        help="diffusers folder or hub id (default: the miniature world)",
-    )
-    parser.add_argument("--json", action="store_true", help="print JSON")
-    parser.set_defaults(func=_run_info)
-
-
-def _run_info(args) -> int:
-    from ..models import DEFAULT_MODEL, load_model
-
-    model = load_model(args.model or DEFAULT_MODEL, device="cpu")
-    facts = model.describe()
-    if args.json:
-        print(json.dumps(facts, indent=2))
-    else:
-        for key, value in facts.items():
-            print(f"{key:>16}: {value}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="oneword",
@@ -62,16 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"oneword {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _info_parser(subparsers)
-    # Each module registers its own subcommand; imports stay light until a command runs.
-    from ..demo import add_demo_parser
-    from ..embeddings import add_export_parser
-    from ..encoder.encode import add_encode_parser
-    from ..evaluation.harness import add_eval_parser
-    from ..generate import add_generate_parser
-    from ..world.train import add_world_parser
+    # One module per command, each registering its own subcommand.
+    from .demo import add_demo_parser
+    from .encode import add_encode_parser
+    from .eval import add_eval_parser
+    from .export import add_export_parser
+    from .generate import add_generate_parser
+    from .info import add_info_parser
     from .invert import add_invert_parser
+    from .world import add_world_parser
 
+    add_info_parser(subparsers)
     add_demo_parser(subparsers)
     add_invert_parser(subparsers)
     add_encode_parser(subparsers)
@@ -84,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_any", False):
+        parser.parse_args(argv)  # argparse's own error for the unknown flags
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

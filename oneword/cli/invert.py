@@ -15,6 +15,8 @@ from pathlib import Path
 
 from ..errors import OnewordError
 from ..inversion.invert import ConceptSpec, InversionConfig
+from .common import add_model_argument
+from .config import add_config_flags, config_from_flags
 
 EXAMPLES = """\
 examples:
@@ -31,22 +33,9 @@ examples:
 {"name", "images": [paths], "token", "init", "class_word"} (paths relative to the manifest).
 """
 
-# flag -> InversionConfig field, for flags that override the config.
-_CONFIG_FLAGS = {
-    "steps": "steps", "lr": "lr", "batch": "batch", "vectors": "vectors",
-    "templates": "templates", "class_word_cue": "class_word_cue", "seed": "seed",
-    "clip_weight": "clip_weight", "clip_model": "clip_model", "l2_weight": "l2_weight",
-    "augment": "augment", "early_stop": "early_stop", "patience": "patience",
-    "min_delta": "min_delta", "checkpoint_every": "checkpoint_every", "precision": "precision",
-    "quiet": "quiet", "max_nonfinite": "max_nonfinite", "samples": "samples",
-    "sample_steps": "sample_steps",
-}  # fmt: skip
-
 
 def add_invert_parser(subparsers) -> argparse.ArgumentParser:
     """Register `oneword invert` on an argparse subparsers object."""
-    from ..models import add_model_argument
-
     defaults = InversionConfig()
     parser = subparsers.add_parser(
         "invert",
@@ -74,39 +63,49 @@ def add_invert_parser(subparsers) -> argparse.ArgumentParser:
     )
     add("--out", required=True, type=Path, help="output folder")
     add("--config", type=Path, help="JSON file with InversionConfig fields (flags override it)")
-    add("--steps", type=int, help=f"optimisation steps (default {defaults.steps})")
-    add("--lr", type=float, help=f"Adam learning rate (default {defaults.lr})")
-    add("--batch", type=int, help=f"images per step and concept (default {defaults.batch})")
-    add("--vectors", type=int, help=f"vectors K per token (default {defaults.vectors})")
-    add("--templates", help="object, style, or a file with one template per line ({} = token)")
-    add("--seed", type=int, help=f"seed (default {defaults.seed})")
+    # Every InversionConfig flag defaults to None ("not given"): --config FILE, then the
+    # flags, override the defaults (`resolve_config`).
+    flags = {
+        "steps": {"help": f"optimisation steps (default {defaults.steps})"},
+        "lr": {"help": f"Adam learning rate (default {defaults.lr})"},
+        "batch": {"help": f"images per step and concept (default {defaults.batch})"},
+        "vectors": {"help": f"vectors K per token (default {defaults.vectors})"},
+        "templates": {"help": "object, style, or a file with one template per line ({} = token)"},
+        "seed": {"help": f"seed (default {defaults.seed})"},
+        "clip_weight": {"help": "weight of the CLIP identity loss (default 0 = off)"},
+        "clip_model": {
+            "help": "CLIPVisionModelWithProjection folder (default MODEL/image_encoder)"
+        },
+        "l2_weight": {"help": "pull toward the initial rows (default 0 = off)"},
+        "augment": {"help": "random crop, flip, colour jitter"},
+        "early_stop": {"help": "stop when the loss plateaus"},
+        "patience": {"help": f"early-stop patience in steps (default {defaults.patience})"},
+        "min_delta": {"help": f"early-stop improvement (default {defaults.min_delta})"},
+        "checkpoint_every": {"help": f"steps (default {defaults.checkpoint_every})"},
+        "precision": {
+            "choices": ["bf16", "fp16", "fp32"],
+            "help": "frozen parts on a GPU (default bf16)",
+        },
+        "max_nonfinite": {
+            "help": f"abort after N non-finite steps in a row (default {defaults.max_nonfinite})"
+        },
+        "samples": {"help": "skip samples.png"},
+        "sample_steps": {"help": f"DDIM steps for samples.png (default {defaults.sample_steps})"},
+        "quiet": {"help": "no progress bar"},
+    }
+
+    def config_flags(*names: str) -> None:
+        add_config_flags(parser, InversionConfig, names, overrides=flags)
+
+    config_flags("steps", "lr", "batch", "vectors", "templates", "seed")
     add("--resume", action="store_true", help="continue from OUT/checkpoints (must exist)")
     add("--warm-start", type=Path, help="start from the rows of this embedding file")
-    add("--clip-weight", type=float, help="weight of the CLIP identity loss (default 0 = off)")
-    add("--clip-model", help="CLIPVisionModelWithProjection folder (default MODEL/image_encoder)")
-    add("--l2-weight", type=float, help="pull toward the initial rows (default 0 = off)")
-    add("--augment", action="store_const", const=True, help="random crop, flip, colour jitter")
-    add("--early-stop", action="store_const", const=True, help="stop when the loss plateaus")
-    add("--patience", type=int, help=f"early-stop patience in steps (default {defaults.patience})")
-    add("--min-delta", type=float, help=f"early-stop improvement (default {defaults.min_delta})")
-    add("--checkpoint-every", type=int, help=f"steps (default {defaults.checkpoint_every})")
-    add(
-        "--precision", choices=["bf16", "fp16", "fp32"], help="frozen parts on a GPU (default bf16)"
-    )
+    config_flags("clip_weight", "clip_model", "l2_weight", "augment", "early_stop", "patience")
+    config_flags("min_delta", "checkpoint_every", "precision")
     add("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    add(
-        "--max-nonfinite",
-        type=int,
-        help=f"abort after N non-finite steps in a row (default {defaults.max_nonfinite})",
-    )
-    add("--no-samples", dest="samples", action="store_const", const=False, help="skip samples.png")
-    add(
-        "--sample-steps",
-        type=int,
-        help=f"DDIM steps for samples.png (default {defaults.sample_steps})",
-    )
+    config_flags("max_nonfinite", "samples", "sample_steps")
     add("--chunk", type=int, default=8, help="with --concepts: concepts per UNet batch (default 8)")
-    add("--quiet", action="store_const", const=True, help="no progress bar")
+    config_flags("quiet")
     parser.set_defaults(func=run_invert, class_word_cue=None)
     return parser
 
@@ -128,11 +127,7 @@ def resolve_config(args: argparse.Namespace) -> InversionConfig:
         values |= from_file
     if args.class_word:
         values["class_word_cue"] = True
-    for flag, name in _CONFIG_FLAGS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            values[name] = value
-    config = InversionConfig(**values)
+    config = config_from_flags(args, InversionConfig, InversionConfig(**values))
     config.check()
     return config
 

@@ -44,7 +44,6 @@ Paths: "encoder" (prediction only: refine_steps=0, check passed or fallback off)
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -93,7 +92,7 @@ class EncodeConfig:
     # measured default in THRESHOLDS.
     threshold: float | None = None
     check_draws: int = 16  # fixed (image, template, timestep, noise) draws of the loss check
-    clip: str | None = None  # CLIP of check "clip" (see evaluation.metrics); None: the model's
+    clip: str | None = None  # CLIP of check "clip" (see oneword.clip); None: the model's
     templates: str = "object"  # prompt templates of refinement, fallback and check
     seed: int = 0  # seeds refinement, fallback, the check's draws and the samples
     # Frozen parts' precision on a GPU ("bf16", "fp16", "fp32"); used when the CLI loads.
@@ -217,7 +216,7 @@ def _resolve_config(config: EncodeConfig | None, settings: dict) -> EncodeConfig
 
 def resolve_check(config: EncodeConfig, model) -> EncodeConfig:
     """`config` with "auto" replaced by the check it means for `model`, and a threshold."""
-    from ..evaluation.metrics import has_world_clip
+    from ..clip import has_world_clip
 
     check = config.check
     if check == "auto":
@@ -263,17 +262,24 @@ class LossCheck:
     """
 
     def __init__(self, model, images, class_word: str, config: EncodeConfig, batch: int = 8):
-        from ..images import images_to_tensor
+        """`images`: fitted PIL images, or `PreparedImages` (their posterior is reused)."""
+        from ..inversion.invert import PreparedImages
         from ..inversion.templates import fill, load_templates
 
         self.model, self.batch, self.unet_passes = model, batch, 0
         draws = config.check_draws
         generator = torch.Generator().manual_seed(config.seed)
         templates = load_templates(config.templates)
-        with torch.no_grad():
-            pixels = images_to_tensor(images).to(model.device, model.dtype)  # (n, 3, H, W)
-            posterior = model.vae.encode(pixels).latent_dist
-            mean, std = posterior.mean.float(), posterior.std.float()  # (n, 4, h, w)
+        if isinstance(images, PreparedImages):  # encoded once for the whole `encode` call
+            n = len(images.images)
+            mean, std = images.latent_mean[:n], images.latent_std[:n]  # (n, 4, h, w)
+        else:
+            from ..images import images_to_tensor
+
+            with torch.no_grad():
+                pixels = images_to_tensor(images).to(model.device, model.dtype)  # (n, 3, H, W)
+                posterior = model.vae.encode(pixels).latent_dist
+                mean, std = posterior.mean.float(), posterior.std.float()  # (n, 4, h, w)
         chosen = torch.randint(mean.shape[0], (draws,), generator=generator).to(model.device)
         self.templates = [
             templates[i] for i in torch.randint(len(templates), (draws,), generator=generator)
@@ -288,7 +294,8 @@ class LossCheck:
 
     @torch.no_grad()
     def _mean_loss(self, prompts: list[str]) -> float:
-        from ..inversion.objective import denoising_loss, encode_prompts
+        from ..inversion.objective import denoising_loss
+        from ..prompts import encode_prompts
 
         losses = []
         for start in range(0, len(prompts), self.batch):
@@ -320,7 +327,7 @@ class ClipCheck:
 
     def __init__(self, model, images, class_word: str, config: EncodeConfig, scorer=None):
         """`scorer`: a loaded CLIP scorer to reuse (`oneword eval`); None loads `config.clip`."""
-        from ..evaluation.metrics import load_clip_scorer
+        from ..clip import load_clip_scorer
 
         folder = model.extra.get("folder") if isinstance(model.extra, dict) else None
         self.scorer = scorer or load_clip_scorer(config.clip, folder, model.device)
@@ -334,7 +341,7 @@ class ClipCheck:
         self.class_distance = self._distance(class_word, [])
 
     def _distance(self, word: str, placeholders) -> float:
-        from ..evaluation.metrics import pairwise_similarity
+        from ..clip import pairwise_similarity
         from ..sampling import generate
 
         samples = generate(
@@ -344,6 +351,7 @@ class ClipCheck:
             num_per_prompt=self.config.sample_seeds,
             steps=self.config.sample_steps,
             seed=self.config.seed,
+            progress=not self.config.quiet,
         )
         self.unet_passes += self.config.sample_steps  # one batched (CFG) UNet call per step
         return 1 - pairwise_similarity(self.scorer.image_features(samples), self.references)
@@ -373,6 +381,7 @@ def _save_samples(path: Path, model, placeholder, images, config: EncodeConfig) 
         num_per_prompt=columns,
         steps=config.sample_steps,
         seed=config.seed,
+        progress=not config.quiet,
     )
     return save_grid(
         first_row + samples, path, columns=columns, labels=["training images", *prompts]
@@ -417,6 +426,7 @@ def encode(
     """
     from ..embeddings import TokenEmbedding, save_model_token
     from ..inversion import invert
+    from ..inversion.invert import prepare_images
     from ..io import atomic_write_text
     from ..tokens import add_placeholder, get_rows, set_rows
     from .features import load_tower
@@ -430,9 +440,10 @@ def encode(
         encoder = load_encoder(encoder, device=model.device)
     check_compatible(encoder.config, model)
     class_word = class_word or default_class_word(encoder)
-    from ..images import fit_images
-
-    images = fit_images(images, model.resolution)
+    # The concept, prepared once: fitted images, pixels and VAE posteriors, shared by the
+    # encoder, the refinement, the check and the fallback.
+    prepared = prepare_images(model, images)
+    images = prepared.images
     vectors = encoder.config.num_vectors
     if tower is None:
         tic = time.perf_counter()
@@ -460,7 +471,7 @@ def encode(
         )
         refined = invert(
             model,
-            images,
+            prepared,
             token,
             class_word,
             refine_config,
@@ -480,9 +491,10 @@ def encode(
     score, checker, fallback = None, None, None
     if config.check != "none":
         tic = time.perf_counter()
-        checker = (LossCheck if config.check == "loss" else ClipCheck)(
-            model, images, class_word, config
-        )
+        if config.check == "loss":
+            checker = LossCheck(model, prepared, class_word, config)
+        else:
+            checker = ClipCheck(model, images, class_word, config)
         score = scores[path_taken] = checker.score(placeholder)
         timings["check"] = time.perf_counter() - tic
         passed = score <= config.threshold  # False for a NaN score
@@ -507,7 +519,7 @@ def encode(
             start = TokenEmbedding(token, get_rows(model, placeholder))
             full = invert(
                 model,
-                images,
+                prepared,
                 f"{token}_fallback",
                 class_word,
                 _inversion_config(config, vectors, **overrides),
@@ -598,162 +610,12 @@ def encode(
     )
 
 
-# ---------------------------------------------------------------------------------------
-# CLI
-
-
-EXAMPLES = """\
-examples:
-  oneword encode --images photos/cup/ --token "<my-cup>" --class-word cup --out runs/cup
-  oneword encode --images photos/cup/ --token "<my-cup>" --refine-steps 0 --no-fallback --out runs/cup0
-  oneword encode --model /models/sd15 --encoder runs/encoder-sd15/encoder.safetensors \\
-      --images "cat/*.jpg" --token "<cat>" --class-word cat --threshold 0.95 --out runs/cat
-
-Paths: "encoder" (the prediction alone), "refined" (prediction + --refine-steps of classic
-inversion) or "fallback" (the check failed: full inversion from the refined rows).
-The check (--check auto: clip when the model has its own CLIP or --clip is given, else
-loss) scores the token against the class word (1.0 = no better; lower is better): above
---threshold (default 0.8 for clip, 1.0 for loss; measured on the world's held-out concepts)
-the fallback runs.
-"""
-
-
-def run_encode(args: argparse.Namespace) -> int:
-    """`oneword encode ...`."""
-    from ..models import load_model
-    from .model import load_encoder
-
-    settings = {
-        "refine_steps": args.refine_steps,
-        "refine_lr": args.refine_lr,
-        "l2_weight": args.l2_weight,
-        "fallback": args.fallback,
-        "fallback_steps": args.fallback_steps,
-        "check": args.check,
-        "threshold": args.threshold,
-        "check_draws": args.check_draws,
-        "clip": args.clip,
-        "templates": args.templates,
-        "seed": args.seed,
-        "precision": args.precision,
-        "samples": args.samples,
-        "sample_steps": args.sample_steps,
-        "quiet": args.quiet,
-    }
-    config = _resolve_config(None, settings)  # bad values fail before anything loads
-    encoder_path = Path(args.encoder)
-    if not encoder_path.is_file():
-        hint = " (the default)" if args.encoder == DEFAULT_ENCODER else ""
-        raise OnewordError(
-            f"no encoder at {encoder_path}{hint}; pass --encoder FILE (train one with "
-            "train_encoder.py --model MODEL --out DIR), or learn the token with oneword invert"
-        )
-    encoder = load_encoder(encoder_path)
-    model = load_model(args.model, device=args.device, precision=config.precision)
-    result = encode(
-        model,
-        encoder.to(model.device),
-        args.images,
-        args.token,
-        class_word=args.class_word,
-        config=config,
-        out_dir=args.out,
-    )
-    print(result.summary())
-    print(f"wrote {', '.join(p.name for p in result.files.values())} in {args.out}")
-    return 0
-
-
-def add_encode_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `oneword encode` on an argparse subparsers object."""
-    from ..models import add_model_argument
-
-    defaults = EncodeConfig()
-    parser = subparsers.add_parser(
-        "encode",
-        help="a concept's token from a trained encoder in about a second, refined, with fallback",
-        description=__doc__,
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add = parser.add_argument
-    add_model_argument(parser)
-    add(
-        "--encoder",
-        default=DEFAULT_ENCODER,
-        help=f"encoder file from train_encoder.py (default: {DEFAULT_ENCODER})",
-    )
-    add("--images", nargs="+", required=True, metavar="PATH", help="image files, folders or globs")
-    add("--token", required=True, help='the new word, e.g. "<my-cup>"')
-    add(
-        "--class-word",
-        help="the concept's class, e.g. cup (default: the encoder's training class word, "
-        "else object)",
-    )
-    add(
-        "--refine-steps",
-        type=int,
-        help=f"classic steps from the prediction, 0..{MAX_REFINE_STEPS} "
-        f"(default {defaults.refine_steps}; 0 = prediction only)",
-    )
-    add("--refine-lr", type=float, help=f"Adam lr of the refinement (default {defaults.refine_lr})")
-    add(
-        "--l2-weight",
-        type=float,
-        help=f"pull toward the encoder's prediction during refinement (default {defaults.l2_weight})",
-    )
-    add(
-        "--no-fallback",
-        dest="fallback",
-        action="store_const",
-        const=False,
-        help="never run full inversion, even when the check fails",
-    )
-    add(
-        "--fallback-steps",
-        type=int,
-        help="steps of the full inversion after a failed check (default: oneword invert's)",
-    )
-    add(
-        "--check",
-        choices=CHECKS,
-        help="quality check: auto (default: clip when a CLIP is at hand, else loss), loss "
-        "(relative denoising loss), clip (relative CLIP image distance of samples) or none "
-        "(no check, no fallback)",
-    )
-    add(
-        "--threshold",
-        type=float,
-        help=f"fall back when the score is above this (default: {THRESHOLDS['clip']} for clip, "
-        f"{THRESHOLDS['loss']} for loss; 1.0 = no better than the class word)",
-    )
-    add("--check-draws", type=int, help=f"draws of the loss check (default {defaults.check_draws})")
-    add("--clip", help="CLIP for --check clip (default: the model's image_encoder/)")
-    add("--templates", help="object, style, or a file with one template per line")
-    add("--seed", type=int, help=f"seed (default {defaults.seed})")
-    add("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    add(
-        "--precision", choices=["bf16", "fp16", "fp32"], help="frozen parts on a GPU (default bf16)"
-    )
-    add("--no-samples", dest="samples", action="store_const", const=False, help="skip samples.png")
-    add(
-        "--sample-steps",
-        type=int,
-        help=f"DDIM steps for samples.png (default {defaults.sample_steps})",
-    )
-    add("--quiet", action="store_const", const=True, help="no progress bars")
-    add("--out", required=True, type=Path, help="output folder")
-    parser.set_defaults(func=run_encode)
-    return parser
-
-
 __all__ = [
     "DEFAULT_ENCODER",
     "ClipCheck",
     "EncodeConfig",
     "EncodeResult",
     "LossCheck",
-    "add_encode_parser",
     "default_class_word",
     "encode",
 ]

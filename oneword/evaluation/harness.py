@@ -7,22 +7,21 @@ world's oracle and CLIP-I/CLIP-T (and DINO) with a fixed scorer. Writes results.
 results.md, tradeoff.png (Gal et al.'s reconstruction-vs-editability figure) and one
 sample grid per method.
 
-Methods live in `METHODS`, a dict name -> function(model, concept, run) -> `LearnedToken`;
-"NAME:ARG" in --methods passes ARG (e.g. "classic:400" = 400 steps). Other modules add
-methods with `register_method`.
+Methods live in `oneword.evaluation.methods.METHODS`, one fixed table name ->
+function(model, concept, run) -> `LearnedToken`; "NAME:ARG" in --methods passes ARG
+(e.g. "classic:400" = 400 steps).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,7 +30,13 @@ from PIL import Image
 
 from ..errors import OnewordError
 from ..io import atomic_path, atomic_write_text
-from .methods import register_encoder_methods
+from .methods import (  # noqa: F401  (re-exported: the harness's API)
+    ARG_CHECKS,
+    METHODS,
+    LearnedToken,
+    MethodFn,
+    MethodRun,
+)
 from .metrics import (
     fallback_rates,
     load_clip_scorer,
@@ -142,188 +147,6 @@ def concept_slice(spec: int | str | None) -> slice:
             f"got {spec!r}"
         )
     return slice(start, end)
-
-
-# ---------------------------------------------------------------------------------------
-# Methods
-
-
-@dataclass
-class MethodRun:
-    """What a method gets besides the model and the concept.
-
-    Attributes:
-        arg: the text after "NAME:" in --methods ("400" in "classic:400"), or None.
-        token: a new word unique to this method and concept, e.g. "<m1c0007>".
-        images: the concept's images, fitted to the model's resolution.
-        seed: the run's seed.
-        quiet: no progress bars.
-    """
-
-    arg: str | None
-    token: str
-    images: list[Image.Image]
-    seed: int
-    quiet: bool = True
-    encoder: str | None = None  # EvalConfig.encoder, for the encoder methods
-    # The ARGs that every label of this method name has in the run ("classic:50,classic:500"
-    # -> ("50", "500")), and a dict shared by all methods and concepts of one evaluation:
-    # classic inversion learns each concept once, to the longest step count, and keeps a
-    # snapshot of the rows at every other.
-    siblings: tuple = ()
-    shared: dict = field(default_factory=dict)
-    # Where work worth keeping across a stopped run goes (`_Progress`; None: not kept).
-    store: _Progress | None = None
-
-
-@dataclass
-class LearnedToken:
-    """What a method returns.
-
-    Attributes:
-        word: what replaces "{}" in the prompts (the token, or a plain word).
-        placeholders: the `Placeholder`s the prompts use (for multi-vector expansion).
-        cost: "unet_forward_passes" and "unet_samples" spent learning (0 for none), plus
-            any facts worth reporting ("steps", ...).
-        embedding: the learned `TokenEmbedding`, saved beside the results; None if nothing
-            was learned.
-    """
-
-    word: str
-    placeholders: list = field(default_factory=list)
-    cost: dict = field(default_factory=dict)
-    embedding: object | None = None
-
-
-MethodFn = Callable[[object, object, MethodRun], LearnedToken]
-
-
-def _no_arg(name: str) -> Callable[[str | None], None]:
-    def check(arg: str | None) -> None:
-        if arg is not None:
-            raise OnewordError(f"method {name} takes no argument, got {name}:{arg}")
-
-    return check
-
-
-def _classic_steps(arg: str | None) -> int | None:
-    """ "classic:STEPS" -> STEPS (None: `InversionConfig`'s default)."""
-    if arg is None:
-        return None
-    if not arg.isdigit() or int(arg) < 1:
-        raise OnewordError(
-            f"classic:{arg}: the argument is a positive step count, e.g. classic:400"
-        )
-    return int(arg)
-
-
-def _classword(model, concept, run: MethodRun) -> LearnedToken:
-    """No learning: the class word stands in for the token (the floor every method must beat)."""
-    return LearnedToken(concept.class_word, [], {"unet_forward_passes": 0, "unet_samples": 0})
-
-
-def _classic_run(model, concept, run: MethodRun) -> dict:
-    """One classic run per concept for every "classic:STEPS" of the evaluation.
-
-    With a constant lr and one seed, the rows at step n of a longer run are exactly those
-    of an n-step run (the data, timesteps and noise of each step come from the same
-    generator), so the run goes to the longest step count and keeps snapshots at the
-    others, with the seconds it had taken by then: an identity-vs-steps curve costs one run.
-    Returns {"snapshots": {step: (rows per text encoder, seconds)}, "steps_done", "loss",
-    "config"}; kept in `run.store` too, so a resumed evaluation does not learn it again.
-    """
-    from ..inversion import InversionConfig, invert
-
-    key = ("classic", concept.name)
-    if key not in run.shared:
-        default = InversionConfig().steps
-        wanted = {_classic_steps(arg) or default for arg in (run.siblings or (run.arg,))}
-        config = InversionConfig(seed=run.seed, samples=False, quiet=True, steps=max(wanted))
-        kept = run.store.classic_run(concept.name, wanted) if run.store else None
-        if kept is None:
-            result = invert(
-                model,
-                run.images,
-                f"{run.token}-run",  # a scratch word: each label gets its own copy of its rows
-                concept.class_word,
-                config,
-                class_word=concept.class_word,
-                snapshots=sorted(wanted),
-            )
-            kept = {
-                "snapshots": result.snapshots,
-                "steps_done": result.log["steps_done"],
-                "loss": list(result.log["loss"]),
-            }
-            if run.store:
-                run.store.save_classic_run(concept.name, kept)
-        run.shared[key] = {**kept, "config": config}
-    return run.shared[key]
-
-
-def _classic(model, concept, run: MethodRun) -> LearnedToken:
-    """Classic textual inversion (Gal et al.), initialised from the class word; "classic:STEPS"."""
-    from ..embeddings import TokenEmbedding
-    from ..inversion import InversionConfig
-    from ..inversion.invert import smoothed_loss
-    from ..tokens import add_placeholder
-
-    steps = _classic_steps(run.arg) or InversionConfig().steps
-    shared = _classic_run(model, concept, run)
-    config = shared["config"]
-    vectors, seconds = shared["snapshots"][steps]
-    done = min(steps, shared["steps_done"])  # fewer after an early stop
-    placeholder = add_placeholder(
-        model, run.token, concept.class_word, config.vectors, init_rows=vectors
-    )
-    cost = {
-        "unet_forward_passes": done,  # one UNet call per step (batch = config.batch)
-        "unet_samples": done * config.batch,
-        "steps": done,
-        "final_loss_ema": smoothed_loss(None, shared["loss"][:done], config.ema_beta),
-        "seconds": seconds,
-        "shared_run_steps": shared["steps_done"],
-    }
-    metadata = {
-        "base_model": str(model.source),
-        "model_family": model.family,
-        "method": "classic",
-        "steps": str(done),
-        "init_text": concept.class_word,
-        "concept": concept.name,
-        "config": json.dumps({**asdict(config), "steps": steps}),
-    }
-    embedding = TokenEmbedding(run.token, vectors, metadata)
-    return LearnedToken(run.token, [placeholder], cost, embedding)
-
-
-METHODS: dict[str, MethodFn] = {"classword": _classword, "classic": _classic}
-# name -> a function that raises `OnewordError` for a bad ARG, run before any work starts.
-ARG_CHECKS: dict[str, Callable[[str | None], object]] = {
-    "classword": _no_arg("classword"),
-    "classic": _classic_steps,
-}
-
-
-def register_method(
-    name: str, fn: MethodFn, check_arg: Callable[[str | None], object] | None = None
-) -> None:
-    """Make `name` usable in --methods (e.g. the encoder: "encoder", "encoder+refine").
-
-    Args:
-        name: the method's name (letters, digits, _ + . -).
-        fn: function(model, concept, run: MethodRun) -> LearnedToken.
-        check_arg: optional; raises `OnewordError` for a bad "NAME:ARG" before any work.
-    """
-    if not re.fullmatch(r"[\w+.-]+", name):
-        raise OnewordError(f"method name {name!r} may hold letters, digits and _ + . - only")
-    METHODS[name] = fn
-    if check_arg is not None:
-        ARG_CHECKS[name] = check_arg
-
-
-# "encoder" and "encoder+refine:K" (oneword/evaluation/methods.py), known before any parser lists them.
-register_encoder_methods()
 
 
 def parse_methods(specs: str | Sequence[str]) -> list[tuple[str, MethodFn, str | None]]:
@@ -577,7 +400,7 @@ def _check_score(
     if len(learned.placeholders) != 1:
         return None
     if reference.check is None:
-        settings = EncodeConfig(seed=config.seed, check=config.check)
+        settings = EncodeConfig(seed=config.seed, check=config.check, quiet=config.quiet)
         if config.check == "clip":
             reference.check = ClipCheck(
                 model, reference.images, concept.class_word, settings, scorer=clip
@@ -813,6 +636,7 @@ def evaluate(
                 guidance=config.guidance,
                 seed=config.seed,
                 pipeline=pipe,
+                progress=not config.quiet,
             )
             sampling_seconds = time.perf_counter() - started
             # 4d. Score.
@@ -857,120 +681,3 @@ def evaluate(
             _write_outputs(results, out)
     bar.close()
     return results
-
-
-# ---------------------------------------------------------------------------------------
-# CLI
-
-
-EXAMPLES = """\
-examples:
-  oneword eval --suite runs/world-suite --methods classword,classic:50,classic:400 --out runs/eval
-  oneword eval --suite runs/world-suite --methods classic:2 --concepts 1 --samples 1 --steps 2 --out /tmp/e
-  oneword eval --suite runs/world-suite --methods classword,classic:3000 --out runs/eval --resume
-  oneword eval --model /models/sd15 --suite dreambooth/ --methods classword,classic:3000 \\
-      --clip open_clip:ViT-L-14:openai --dino /models/dino-vits16 --out runs/db
-"""
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    """`oneword eval ...`: evaluate and print the table."""
-    from .report import format_table
-
-    config = EvalConfig(
-        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-        samples=args.samples,
-        seed=args.seed,
-        steps=args.steps,
-        guidance=args.guidance,
-        clip=args.clip,
-        dino=args.dino,
-        concepts=args.concepts,
-        grid_concepts=args.grid_concepts,
-        encoder=args.encoder,
-        check="none" if args.no_check_score else args.check,
-        check_threshold=args.check_threshold,
-        right_identity=args.right_identity,
-        device=args.device,
-        quiet=args.quiet,
-    )
-    results = evaluate(args.model, args.suite, config, args.out, resume=args.resume)
-    print(format_table(results))
-    print(f"wrote {args.out}/results.json, results.md, tradeoff.png and grids/")
-    return 0
-
-
-def add_eval_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `oneword eval` on an argparse subparsers object."""
-    from ..encoder.encode import CHECKS
-    from ..models import add_model_argument
-
-    defaults = EvalConfig()
-    parser = subparsers.add_parser(
-        "eval",
-        help="compare token-learning methods on a concept suite (quality, speed, memory)",
-        description=__doc__,
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add = parser.add_argument
-    add_model_argument(parser)
-    add("--suite", required=True, type=Path, help="concept suite folder (ours or DreamBooth's)")
-    add(
-        "--methods",
-        default=",".join(defaults.methods),
-        help=f"comma-separated NAME[:ARG] (known: {', '.join(sorted(METHODS))}; "
-        "classic:STEPS, encoder+refine:STEPS[:lr=X][:l2=Y]); default: %(default)s",
-    )
-    add("--samples", type=int, default=defaults.samples, help="samples per prompt per concept")
-    add("--seed", type=int, default=defaults.seed)
-    add("--steps", type=int, default=defaults.steps, help="sampling steps (DDIM)")
-    add("--guidance", type=float, default=defaults.guidance)
-    add(
-        "--clip",
-        default=None,
-        help="world | open_clip:NAME[:PRETRAINED|FILE|DIR] | transformers:FOLDER "
-        "(default: world when the model has image_encoder/, else no CLIP scores)",
-    )
-    add("--dino", default=None, metavar="DIR", help="transformers ViT/Dinov2 folder for DINO")
-    add(
-        "--concepts",
-        default=None,
-        metavar="N|START:END",
-        help="only the first N concepts, or those from START to END (0-based, END excluded)",
-    )
-    add("--grid-concepts", type=int, default=defaults.grid_concepts, help="concepts per grid")
-    add("--encoder", default=None, metavar="FILE", help="encoder file of the encoder methods")
-    add(
-        "--check",
-        choices=CHECKS,
-        default=defaults.check,
-        help="score every token with this oneword encode check, untimed, and report its "
-        "fallback rates (default: %(default)s)",
-    )
-    add("--no-check-score", action="store_true", help="the same as --check none")
-    add(
-        "--check-threshold",
-        type=float,
-        default=defaults.check_threshold,
-        help="threshold whose fallback rates the report gives (default: oneword encode's for "
-        "the check: 0.8 for clip, 1.0 for loss)",
-    )
-    add(
-        "--right-identity",
-        type=float,
-        default=defaults.right_identity,
-        help="a concept is 'right' for the fallback rates at this identity or above "
-        "(default: %(default)s)",
-    )
-    add("--device", default=None, help="cpu, cuda, ... (default: CUDA if available)")
-    add("--quiet", action="store_true", help="no progress bar")
-    add("--out", required=True, type=Path, help="output folder")
-    add(
-        "--resume",
-        action="store_true",
-        help="continue a stopped run in --out: keep its finished rows (OUT/progress/) and "
-        "score only the rest; the settings must be the same",
-    )
-    parser.set_defaults(func=run_eval)
-    return parser

@@ -1,6 +1,14 @@
 """Classic per-concept textual inversion (Gal et al., 2023): `invert`, `invert_many`."""
 
-from .invert import ConceptSpec, InversionConfig, InversionResult, invert, invert_many
+from .invert import (
+    ConceptSpec,
+    InversionConfig,
+    InversionResult,
+    PreparedImages,
+    invert,
+    invert_many,
+    prepare_images,
+)
 from .templates import OBJECT_TEMPLATES, STYLE_TEMPLATES, load_templates
 
 __all__ = [
@@ -9,7 +17,9 @@ __all__ = [
     "ConceptSpec",
     "InversionConfig",
     "InversionResult",
+    "PreparedImages",
     "invert",
     "invert_many",
     "load_templates",
+    "prepare_images",
 ]

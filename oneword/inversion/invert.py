@@ -195,6 +195,37 @@ def _latent_distribution(model, pixels: torch.Tensor) -> tuple[torch.Tensor, tor
     return torch.cat(means), torch.cat(stds)
 
 
+@dataclass
+class PreparedImages:
+    """A concept's images made ready once (`prepare_images`), for every stage that reads them:
+    `invert` (refinement and fallback alike), `oneword encode`'s checks, the encoder.
+
+    Attributes:
+        images: the PIL images, fitted to the model's resolution.
+        pixels: (n, 3, H, W) in [-1, 1], the model's dtype and device.
+        latent_mean, latent_std: (2n, 4, h, w) fp32 VAE posterior of the images, then of
+            their mirror images (what `invert` samples from with augmentation off).
+    """
+
+    images: list
+    pixels: torch.Tensor
+    latent_mean: torch.Tensor
+    latent_std: torch.Tensor
+
+
+def prepare_images(model, images) -> PreparedImages:
+    """Fit `images` (PIL images or paths, folders, globs) to `model` and encode them with its
+    VAE, once; pass the result wherever images are taken (`invert(model, prepared, ...)`)."""
+    if isinstance(images, PreparedImages):
+        return images
+    from ..images import images_to_tensor
+
+    fitted = fit_images(images, model.resolution)
+    pixels = images_to_tensor(fitted).to(model.device, model.dtype)  # (n, 3, H, W)
+    mean, std = _latent_distribution(model, torch.cat([pixels, pixels.flip(-1)]))  # (2n, ...)
+    return PreparedImages(fitted, pixels, mean, std)
+
+
 def _augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """`oneword.images.augment` on (b, 3, H, W) pixels in [-1, 1], in their dtype."""
     from ..images import augment
@@ -244,8 +275,10 @@ class _Concept:
 
 
 def _prepare(model, spec: ConceptSpec, config: InversionConfig, templates, clip, init_rows=None):
-    """Add the placeholder, fit the images and (augment off) cache their latent distributions."""
-    images = fit_images(spec.images, model.resolution)
+    """Add the placeholder, fit the images and (augment off) cache their latent distributions
+    (taken as they are from `PreparedImages`)."""
+    prepared = spec.images if isinstance(spec.images, PreparedImages) else None
+    images = prepared.images if prepared else fit_images(spec.images, model.resolution)
     init_text = spec.init_text or spec.class_word
     if not init_text:
         raise OnewordError(
@@ -260,7 +293,10 @@ def _prepare(model, spec: ConceptSpec, config: InversionConfig, templates, clip,
     placeholder = add_placeholder(model, token, init_text, config.vectors, init_rows=init_rows)
     from ..images import images_to_tensor
 
-    pixels = images_to_tensor(images).to(model.device, model.dtype)  # (n, 3, H, W)
+    if prepared is not None:
+        pixels = prepared.pixels
+    else:
+        pixels = images_to_tensor(images).to(model.device, model.dtype)  # (n, 3, H, W)
     seed = config.seed if spec.seed is None else spec.seed
     concept = _Concept(
         name=spec.name,
@@ -277,8 +313,11 @@ def _prepare(model, spec: ConceptSpec, config: InversionConfig, templates, clip,
     if not config.augment:
         # The images and their mirror images, encoded once: sampling the cached posterior each
         # step is what encoding every step would give, without the VAE.
-        views = torch.cat([pixels, pixels.flip(-1)])  # (2n, 3, H, W)
-        concept.latent_mean, concept.latent_std = _latent_distribution(model, views)
+        if prepared is not None:
+            concept.latent_mean, concept.latent_std = prepared.latent_mean, prepared.latent_std
+        else:
+            views = torch.cat([pixels, pixels.flip(-1)])  # (2n, 3, H, W)
+            concept.latent_mean, concept.latent_std = _latent_distribution(model, views)
     if clip is not None:
         concept.clip_reference = clip.reference(pixels)
     return concept
@@ -627,6 +666,7 @@ def _save_samples(path: Path, model, concept: _Concept, config: InversionConfig)
         num_per_prompt=columns,
         steps=config.sample_steps,
         seed=config.seed,
+        progress=not config.quiet,
     )
     return save_grid(
         first_row + images, path, columns=columns, labels=["training images", *prompts]
@@ -691,7 +731,8 @@ def invert(
 
     Args:
         model: a `LoadedModel` (the token is added to it and keeps the learned rows).
-        images: PIL images, or paths/folders/globs (fitted to `model.resolution`).
+        images: PIL images, or paths/folders/globs (fitted to `model.resolution`), or
+            `PreparedImages` (`prepare_images`: fitted and VAE-encoded once, reused as is).
         token: the new word, e.g. "<my-cat>".
         init_text: initializer word(s), e.g. "cat".
         config: `InversionConfig`; default settings if None.

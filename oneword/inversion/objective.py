@@ -7,10 +7,8 @@ Gaussian noise and t a uniform timestep. For v-prediction models (SD 2.x at 768 
 tiny sd2) the target is the velocity v = sqrt(a_t) eps - sqrt(1 - a_t) z instead, as
 diffusers' `DDPMScheduler.get_velocity` computes it.
 
-Prompts are encoded the way the pipelines do it, so a token learned here means the same
-thing at sampling time: SD 1.x/2.x use the last hidden state of the text encoder; SDXL
-concatenates the penultimate hidden states of both encoders and conditions the UNet on
-the second encoder's pooled projection plus the six "add_time_ids".
+Prompts are encoded the way the pipelines do it (`oneword.prompts`, shared with sampling),
+so a token learned here means the same thing at sampling time.
 
 The optional identity loss L_clip compares CLIP image features of a one-step denoised
 estimate of the image with the mean feature of the concept images (1 - cosine).
@@ -18,88 +16,22 @@ estimate of the image with the mean feature of the concept images (1 - cosine).
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange
 
+from ..clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from ..errors import OnewordError
-
-# CLIP's pixel normalisation (OpenAI); a folder's preprocessor_config.json overrides it.
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@dataclass
-class PromptEmbeddings:
-    """What the UNet is conditioned on.
-
-    Attributes:
-        hidden: (b, n, d) token features (SDXL: both encoders concatenated, d = d1 + d2).
-        pooled: (b, p) pooled projection of the last encoder (SDXL only), else None.
-    """
-
-    hidden: torch.Tensor
-    pooled: torch.Tensor | None = None
-
-
-def tokenize(tokenizer, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
-    """(b, 77) ids, padded and truncated to the tokenizer's context length."""
-    return tokenizer(
-        list(prompts),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(device)
-
-
-def encode_prompts(model, prompts: Sequence[str]) -> PromptEmbeddings:
-    """Encode prompts (already expanded with `expand_prompt`) in one text-encoder call each.
-
-    Args:
-        model: a `LoadedModel`.
-        prompts: b prompts.
-
-    Returns:
-        `PromptEmbeddings` with hidden (b, 77, d) in the text encoder's dtype.
-    """
-    if model.family != "sdxl":
-        ids = tokenize(model.tokenizers[0], prompts, model.device)
-        return PromptEmbeddings(model.text_encoders[0](ids).last_hidden_state)
-    hidden, pooled = [], None
-    for tokenizer, text_encoder in zip(model.tokenizers, model.text_encoders):
-        ids = tokenize(tokenizer, prompts, model.device)
-        output = text_encoder(ids, output_hidden_states=True)
-        hidden.append(output.hidden_states[-2])  # (b, n, d_i), as the SDXL pipeline does
-        pooled = getattr(output, "text_embeds", None)  # (b, p) from CLIPTextModelWithProjection
-    return PromptEmbeddings(torch.cat(hidden, dim=-1), pooled)
-
-
-def add_time_ids(model, batch: int) -> torch.Tensor:
-    """SDXL micro-conditioning (b, 6): original size, crop top-left (0, 0), target size.
-
-    Training images are fitted to the native resolution, so all three say "uncropped,
-    native size", as sampling does by default.
-    """
-    side = model.resolution
-    ids = torch.tensor([side, side, 0, 0, side, side], dtype=model.dtype, device=model.device)
-    return repeat(ids, "six -> b six", b=batch)
-
-
-def unet_conditioning(model, embeds: PromptEmbeddings) -> dict:
-    """Keyword arguments for `unet(...)`: encoder_hidden_states (+ SDXL added_cond_kwargs)."""
-    kwargs = {"encoder_hidden_states": embeds.hidden.to(model.dtype)}
-    if model.family == "sdxl":
-        kwargs["added_cond_kwargs"] = {
-            "text_embeds": embeds.pooled.to(model.dtype),
-            "time_ids": add_time_ids(model, embeds.hidden.shape[0]),
-        }
-    return kwargs
+from ..prompts import (  # noqa: F401  (re-exported: the objective's inputs)
+    PromptEmbeddings,
+    add_time_ids,
+    encode_prompts,
+    tokenize,
+    unet_conditioning,
+)
 
 
 def denoising_target(model, latents, noise, timesteps) -> torch.Tensor:
@@ -183,26 +115,11 @@ class ClipIdentityLoss:
 
     @classmethod
     def from_folder(cls, folder, device, dtype) -> ClipIdentityLoss:
-        """Load a `CLIPVisionModelWithProjection` folder (config.json + weights)."""
-        from transformers import CLIPVisionModelWithProjection
+        """Load a `CLIPVisionModelWithProjection` folder, or "transformers:FOLDER" / "world"
+        (`oneword.clip.load_clip_vision`)."""
+        from ..clip import load_clip_vision
 
-        folder = Path(folder)
-        if not (folder / "config.json").is_file():
-            raise OnewordError(
-                f"--clip-model {folder} is not a transformers CLIPVisionModelWithProjection "
-                "folder (no config.json)"
-            )
-        try:
-            tower = CLIPVisionModelWithProjection.from_pretrained(
-                folder, local_files_only=True, torch_dtype=dtype
-            ).to(device)
-        except Exception as error:
-            raise OnewordError(f"cannot load the CLIP tower {folder}: {error}") from None
-        mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-        preprocessor = folder / "preprocessor_config.json"
-        if preprocessor.is_file():
-            config = json.loads(preprocessor.read_text())
-            mean, std = config.get("image_mean", mean), config.get("image_std", std)
+        tower, mean, std = load_clip_vision(folder, device=device, dtype=dtype)
         return cls(tower, mean=mean, std=std)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:

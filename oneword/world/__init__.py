@@ -1,2 +1,3 @@
-"""The miniature world's models: training (`train`), the ground-truth oracle (`oracle`) and
-the prompt-fidelity measurement (`fidelity`). The world's images live in `oneword.datasets.world`."""
+"""The miniature world's readers: the ground-truth oracle (`oracle`) and the prompt-fidelity
+measurement (`fidelity`). The world's images live in `oneword.datasets.world`; training its
+models is the root script `train_world.py` (`oneword world train` runs it)."""

@@ -8,7 +8,6 @@ fit to judge inversion (a token can only be as good as the model it lives in).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +16,14 @@ import torch
 from ..datasets import world
 from ..errors import OnewordError
 from .oracle import Oracle
+
+
+def noise_scheduler_config() -> dict:
+    """The world's noise schedule: Stable Diffusion's (scaled-linear betas 0.00085 -> 0.012,
+    1000 steps, epsilon prediction), as a diffusers scheduler config."""
+    from ..tiny import _scheduler_config
+
+    return _scheduler_config("epsilon")
 
 
 @torch.no_grad()
@@ -33,8 +40,6 @@ def ddim_sample(
 ) -> torch.Tensor:
     """Classifier-free-guided DDIM sampling; cond/uncond (b, 77, d) -> uint8 images (b, 3, H, W)."""
     from diffusers import DDIMScheduler
-
-    from .train import noise_scheduler_config
 
     scheduler = DDIMScheduler.from_config(noise_scheduler_config())
     scheduler.set_timesteps(steps)
@@ -120,7 +125,7 @@ def fresh_render_accuracy(
     """The world's readers on `n` fresh renders (seeded): the oracle's accuracy per attribute
     and, where the folder has the world's CLIP, its zero-shot accuracy. The renders are the
     renderer's as it is now, so a change of geometry is measured against the shipped models."""
-    from ..evaluation.metrics import has_world_clip, load_clip_scorer
+    from ..clip import has_world_clip, load_clip_scorer
     from ..images import tensor_to_images
 
     if n < 1:
@@ -149,7 +154,7 @@ def quick_fidelity(
     unet, vae, tokenizer, text_encoder, cfg, device, *, steps: int = 20, guidance: float = 5.0
 ) -> dict:
     """A fast fidelity check during training (fewer DDIM steps, `cfg.fidelity_captions` captions)."""
-    from .train import tokenize
+    from ..tokenizer import tokenize
 
     oracle = Oracle.load(Path(cfg.out) / "oracle", device)
     scenes, captions = fidelity_captions(cfg.fidelity_captions, seed=cfg.seed + 1234)
@@ -277,72 +282,3 @@ def _shares(result: dict) -> dict:
         "all": result["all"],
         "per_value": {a: per_value(result["confusion"][a]) for a in world.ATTRIBUTES},
     }
-
-
-def add_fidelity_parser(sub) -> None:
-    parser = sub.add_parser(
-        "fidelity", help="measure the world model's prompt fidelity with the oracle"
-    )
-    parser.add_argument("--model", default="checkpoints/world")
-    parser.add_argument("--captions", type=int, default=240)
-    parser.add_argument("--samples", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--guidance", type=float, default=5.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--grid", default=None, help="PNG of caption -> samples")
-    parser.add_argument("--json", default=None, help="write the report here")
-    parser.add_argument(
-        "--ceiling",
-        action="store_true",
-        help="also score the VAE's reconstructions of the captions' true renders",
-    )
-    parser.add_argument(
-        "--renders",
-        type=int,
-        default=0,
-        metavar="N",
-        help="also read N fresh renders with the oracle and, zero-shot, the world's CLIP "
-        "(the model card's reader table uses 2048)",
-    )
-    parser.set_defaults(func=run_fidelity)
-
-
-def run_fidelity(args) -> int:
-    report = measure_fidelity(
-        args.model,
-        captions=args.captions,
-        samples=args.samples,
-        steps=args.steps,
-        guidance=args.guidance,
-        seed=args.seed,
-        grid=args.grid,
-        ceiling=args.ceiling,
-    )
-    ceiling = report.get("vae_ceiling")
-    print("| attribute | samples right |" + (" VAE round trip right |" if ceiling else ""))
-    print("|---|---:|" + ("---:|" if ceiling else ""))
-    for attribute, value in [*report["per_attribute"].items(), ("all at once", report["all"])]:
-        extra = ""
-        if ceiling:
-            extra = f" {ceiling['per_attribute'].get(attribute, ceiling['all']):.1%} |"
-        print(f"| {attribute} | {value:.1%} |{extra}")
-    for attribute in report["per_value"]:
-        for name, source in (("samples", report), ("VAE round trip", ceiling)):
-            if source is not None:
-                values = sorted(source["per_value"][attribute].items())
-                print(f"{attribute} ({name}): " + ", ".join(f"{v} {x:.0%}" for v, x in values))
-    if args.renders:
-        fresh = fresh_render_accuracy(args.model, n=args.renders)
-        report["fresh_renders"] = fresh
-        readers = [("oracle", fresh["oracle"])]
-        if "clip_zero_shot" in fresh:
-            readers.append(("CLIP zero-shot", fresh["clip_zero_shot"]))
-        print(f"\n| {args.renders} fresh renders | " + " | ".join(world.ATTRIBUTES) + " |")
-        print("|---|" + "---:|" * len(world.ATTRIBUTES))
-        for name, shares in readers:
-            print(f"| {name} | " + " | ".join(f"{shares[a]:.1%}" for a in world.ATTRIBUTES) + " |")
-    if args.json:
-        from ..io import atomic_write_text
-
-        atomic_write_text(args.json, json.dumps(report, indent=2))
-    return 0

@@ -30,6 +30,7 @@ def test_info_reports_family_widths_and_vocabulary(tiny_sdxl_dir, capsys):
     assert facts["prediction_type"] == "epsilon"
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_on_stderr_and_exit_2(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "oneword.cli", "info", str(tmp_path / "nowhere")],

@@ -15,7 +15,6 @@ import torch
 from oneword.embeddings import (
     FORMATS,
     TokenEmbedding,
-    add_export_parser,
     export_embedding,
     load_embedding,
     load_into_model,
@@ -436,6 +435,8 @@ def test_sdxl_file_loads_with_the_documented_two_calls(tmp_path, tiny_sdxl_dir):
 
 
 def _export_cli(argv) -> int:
+    from oneword.cli.export import add_export_parser
+
     parser = argparse.ArgumentParser(prog="oneword")
     add_export_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
@@ -461,7 +462,7 @@ def test_export_cli_round_trip(tmp_path, capsys):
 
     renamed = tmp_path / "renamed.safetensors"
     args = argparse.Namespace(input=diffusers, to="oneword", output=renamed, token="<new>")
-    from oneword.embeddings import run_export
+    from oneword.cli.export import run_export
 
     assert run_export(args) == 0
     assert list(safetensors.torch.load_file(renamed)) == ["<new>"]

@@ -61,3 +61,15 @@ def test_negative_prompt_and_guidance(tiny_sdxl_dir):
     unguided = _arrays(generate(model, ["a cat"], guidance=1.0, **kwargs))[0]
     assert not np.array_equal(plain, negative)
     assert not np.array_equal(plain, unguided)
+
+
+def test_progress_bar_counts_every_prompts_steps_and_is_quiet_by_default(tiny_sd1_dir, capsys):
+    model = load_model(tiny_sd1_dir, device="cpu")
+    kwargs = {"num_per_prompt": 1, "steps": 3}
+    quiet = generate(model, ["a cat", "a dog"], **kwargs)
+    assert "sampling" not in capsys.readouterr().err
+    shown = generate(model, ["a cat", "a dog"], progress=True, **kwargs)
+    err = capsys.readouterr().err
+    assert "sampling" in err and "0/6 [" in err  # one bar: 2 prompts x 3 steps
+    for a, b in zip(_arrays(quiet), _arrays(shown)):  # the bar changes nothing else
+        assert np.array_equal(a, b)

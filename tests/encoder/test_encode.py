@@ -6,22 +6,20 @@ these tests check the plumbing and the decisions, not the encoder's quality."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import small_encoder_config
 
 from oneword.cli import main
 from oneword.datasets.world import HELD_OUT
 from oneword.encoder.encode import EncodeConfig, encode
-from oneword.encoder.features import load_tower
 from oneword.encoder.model import (
     ConceptEncoder,
-    EncoderConfig,
     encode_concept,
     load_encoder,
     save_encoder,
@@ -34,34 +32,10 @@ ROOT = Path(__file__).resolve().parents[2]
 FAST = dict(check="loss", check_draws=4, samples=False, quiet=True)
 
 
-def _train_encoder_module():
-    if "train_encoder" in sys.modules:  # already loaded by test_train_encoder.py
-        return sys.modules["train_encoder"]
-    spec = importlib.util.spec_from_file_location("train_encoder", ROOT / "train_encoder.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_encoder"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="session")
-def tiny_encoder(tiny_world_dir, tmp_path_factory) -> Path:
-    """An encoder for the tiny world, trained for 2 steps (the tiny preset, no validation)."""
-    out = tmp_path_factory.mktemp("encoder") / "run"
-    args = ["--preset", "tiny", "--model", str(tiny_world_dir), "--out", str(out), "--quiet"]
-    assert _train_encoder_module().main([*args, "--steps", "2", "--val-suite", "none"]) == 0
-    return out / "encoder.safetensors"
-
-
-@pytest.fixture(scope="module")
-def tower(tiny_world_dir):
-    return load_tower("world", model_folder=tiny_world_dir)
-
-
 @pytest.fixture(scope="module")
 def concept_images(tmp_path_factory) -> Path:
     """Three images of a held-out world concept (class word "circle") in a folder."""
-    from oneword.demo import write_concept_images
+    from oneword.cli.demo import write_concept_images
 
     folder = tmp_path_factory.mktemp("concept") / "images"
     write_concept_images(HELD_OUT[0], folder, count=3)
@@ -73,33 +47,30 @@ def model(tiny_world_dir):
     return load_model(tiny_world_dir, device="cpu")  # fresh: every test adds its own tokens
 
 
-def _untrained(tower, model, **overrides) -> ConceptEncoder:
-    settings = dict(
-        tower=tower.spec,
-        pooled_dim=tower.pooled_dim,
-        token_dim=tower.token_dim,
-        family=model.family,
-        widths=tuple(model.widths),
-        dim=32,
-        queries=2,
-        heads=2,
-    )
-    return ConceptEncoder(EncoderConfig(**(settings | overrides)))
+def _untrained(world_tower, model, **overrides) -> ConceptEncoder:
+    return ConceptEncoder(small_encoder_config(world_tower, model, **overrides))
 
 
 # ---------------------------------------------------------------------------------------
 # The three paths
 
 
-def test_prediction_only_is_the_encoders_output(model, tiny_encoder, tower, concept_images):
+def test_prediction_only_is_the_encoders_output(model, tiny_encoder, world_tower, concept_images):
     encoder = load_encoder(tiny_encoder)
     result = encode(
-        model, encoder, concept_images, "<c>", tower=tower, refine_steps=0, fallback=False, **FAST
+        model,
+        encoder,
+        concept_images,
+        "<c>",
+        tower=world_tower,
+        refine_steps=0,
+        fallback=False,
+        **FAST,
     )
     assert result.path_taken == "encoder" and result.log["path_taken"] == "encoder"
     # The class word defaults to the one the encoder was trained with for unlabelled data.
     assert result.log["class_word"] == "object"
-    expected = encode_concept(encoder, model, concept_images, "<x>", "object", tower=tower)
+    expected = encode_concept(encoder, model, concept_images, "<x>", "object", tower=world_tower)
     torch.testing.assert_close(result.vectors[0], expected.vectors[0], rtol=0, atol=0)
     # No learning: the only UNet passes are the check's (4 draws, one batch; the class word
     # and the token), and the score is finite and positive.
@@ -110,17 +81,17 @@ def test_prediction_only_is_the_encoders_output(model, tiny_encoder, tower, conc
 
 
 def test_refinement_starts_from_and_is_pulled_toward_the_prediction(
-    model, tiny_encoder, tower, concept_images
+    model, tiny_encoder, world_tower, concept_images
 ):
     encoder = load_encoder(tiny_encoder)
-    prediction = encode_concept(encoder, model, concept_images, "<x>", "circle", tower=tower)
+    prediction = encode_concept(encoder, model, concept_images, "<x>", "circle", tower=world_tower)
     result = encode(
         model,
         encoder,
         concept_images,
         "<c>",
         class_word="circle",
-        tower=tower,
+        tower=world_tower,
         refine_steps=3,
         threshold=1e9,  # never falls back
         **FAST,
@@ -136,14 +107,16 @@ def test_refinement_starts_from_and_is_pulled_toward_the_prediction(
     assert "full inversion" not in result.summary() and "path: refined" in result.summary()
 
 
-def test_a_failed_check_falls_back_to_full_inversion(model, tiny_encoder, tower, concept_images):
+def test_a_failed_check_falls_back_to_full_inversion(
+    model, tiny_encoder, world_tower, concept_images
+):
     result = encode(
         model,
         tiny_encoder,
         concept_images,
         "<c>",
         class_word="circle",
-        tower=tower,
+        tower=world_tower,
         refine_steps=2,
         threshold=0.0,  # no score passes: forces the fallback
         fallback_steps=3,
@@ -164,16 +137,46 @@ def test_a_failed_check_falls_back_to_full_inversion(model, tiny_encoder, tower,
     assert "> threshold 0" in result.summary() and "path: fallback" in result.summary()
 
 
-def test_an_untrained_encoder_scores_exactly_the_class_word(model, tower, concept_images):
+def test_the_concept_is_prepared_once_for_refine_check_and_fallback(
+    model, world_tower, concept_images, monkeypatch
+):
+    # Refinement, loss check and fallback all read the images: fitted and VAE-encoded once
+    # (3 images and their mirrors: one VAE call), where each stage used to encode its own.
+    calls = []
+    real_encode = model.vae.encode
+    monkeypatch.setattr(model.vae, "encode", lambda x: calls.append(len(x)) or real_encode(x))
+    fitted = []
+    invert_module = importlib.import_module("oneword.inversion.invert")  # not the function
+    real_fit = invert_module.fit_images
+    monkeypatch.setattr(
+        invert_module, "fit_images", lambda *a, **k: fitted.append(1) or real_fit(*a, **k)
+    )
+    result = encode(
+        model,
+        _untrained(world_tower, model),
+        concept_images,
+        "<c>",
+        class_word="circle",
+        tower=world_tower,
+        refine_steps=1,
+        threshold=0.0,  # forces the fallback
+        fallback_steps=1,
+        **FAST,
+    )
+    assert result.path_taken == "fallback" and set(result.log["scores"]) == {"refined", "fallback"}
+    assert calls == [6] and fitted == [1]
+
+
+def test_an_untrained_encoder_scores_exactly_the_class_word(model, world_tower, concept_images):
     # Zero-initialised outputs predict the class word's rows, so token and class word give
     # the same prompts' features: the relative loss is exactly 1.0, which passes (<= 1.0).
     result = encode(
         model,
-        _untrained(tower, model),
+        _untrained(world_tower, model),
         concept_images,
         "<c>",
         class_word="circle",
-        tower=tower,
+        tower=world_tower,
         refine_steps=0,
         **FAST,
     )
@@ -200,8 +203,8 @@ def test_auto_check_is_clip_where_the_model_has_a_clip_else_loss(tiny_world_dir,
     assert resolve_check(EncodeConfig(check="none"), world).check == "none"
 
 
-def test_clip_check_scores_samples_against_the_images(model, tower, concept_images):
-    encoder = _untrained(tower, model)
+def test_clip_check_scores_samples_against_the_images(model, world_tower, concept_images):
+    encoder = _untrained(world_tower, model)
     settings = dict(FAST, check="clip", sample_steps=2, sample_seeds=2)
     result = encode(
         model,
@@ -209,7 +212,7 @@ def test_clip_check_scores_samples_against_the_images(model, tower, concept_imag
         concept_images,
         "<c>",
         class_word="circle",
-        tower=tower,
+        tower=world_tower,
         refine_steps=0,
         fallback=False,
         **settings,
@@ -266,9 +269,9 @@ def test_files_load_with_diffusers(model, tiny_world_dir, tiny_encoder, concept_
 
 
 def test_an_encoder_for_another_family_or_width_is_refused(
-    model, tower, concept_images, tmp_path, capsys
+    model, world_tower, concept_images, tmp_path, capsys
 ):
-    sdxl = _untrained(tower, model, family="sdxl", widths=(32, 48))
+    sdxl = _untrained(world_tower, model, family="sdxl", widths=(32, 48))
     with pytest.raises(OnewordError, match=r"sdxl.*\[32, 48\].*sd1.*\[32\]"):
         encode(model, sdxl, concept_images, "<c>", **FAST)
     assert "<c>" not in model.tokenizers[0].get_vocab()  # refused before any token was added
@@ -321,6 +324,7 @@ def test_cli_end_to_end_reports_the_path_score_and_threshold(
 # oneword eval
 
 
+@pytest.mark.slow
 def test_eval_runs_the_encoder_methods(tiny_world_dir, tiny_encoder, tmp_path, capsys):
     from oneword.datasets.suite import write_world_suite
     from oneword.evaluation.harness import parse_methods
@@ -392,6 +396,7 @@ def test_refine_settings_in_the_method_argument_reach_encode(monkeypatch):
 # oneword demo: encoder path, classic path, and a missing encoder
 
 
+@pytest.mark.slow
 def test_demo_uses_the_encoder_when_given(tiny_world_dir, tiny_encoder, tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--model", str(tiny_world_dir), "--encoder", str(tiny_encoder)]
@@ -404,6 +409,7 @@ def test_demo_uses_the_encoder_when_given(tiny_world_dir, tiny_encoder, tmp_path
     assert (out / "demo.png").is_file() and (out / "token" / "learned_embeds.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_demo_classic_and_missing_encoder(tiny_world_dir, tiny_encoder, tmp_path, capsys):
     out = tmp_path / "classic"
     argv = ["demo", "--model", str(tiny_world_dir), "--steps", "2", "--quiet"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import small_encoder_config
 from PIL import Image
 
 from oneword.datasets.world import HELD_OUT, concept_scenes, render, training_identities
@@ -42,24 +43,8 @@ def world_model(tiny_world_dir):
     return load_model(tiny_world_dir, device="cpu")
 
 
-@pytest.fixture(scope="module")
-def world_tower(tiny_world_dir):
-    return load_tower("world", model_folder=tiny_world_dir)
-
-
 def _config(image_tower, model, **overrides) -> EncoderConfig:
-    settings = dict(
-        tower=image_tower.spec,
-        pooled_dim=image_tower.pooled_dim,
-        token_dim=image_tower.token_dim,
-        family=model.family,
-        widths=tuple(model.widths),
-        num_vectors=2,
-        dim=32,
-        queries=2,
-        heads=2,
-    )
-    return EncoderConfig(**(settings | overrides))
+    return small_encoder_config(image_tower, model, **({"num_vectors": 2} | overrides))
 
 
 def _shake(encoder: ConceptEncoder, seed: int = 0) -> ConceptEncoder:
@@ -142,28 +127,14 @@ def test_forward_shapes_sd1_and_start_at_the_class_word(world_tower, world_model
         torch.testing.assert_close(out.rows[0], class_rows[0], rtol=0, atol=0)
 
 
-def test_forward_shapes_sdxl_two_widths(tiny_sdxl_dir, tmp_path):
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
+def test_forward_shapes_sdxl_two_widths(tiny_sdxl_dir, tiny_clip_vision_dir, tmp_path):
     from oneword.embeddings import load_embedding, save_embedding
     from oneword.models import load_model
     from oneword.tokens import add_placeholder, get_rows
 
     torch.manual_seed(0)
-    vision = CLIPVisionModelWithProjection(
-        CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-            projection_dim=24,
-        )
-    )
-    vision.save_pretrained(tmp_path / "tower")
     model = load_model(tiny_sdxl_dir, device="cpu")
-    tower = load_tower(f"transformers:{tmp_path / 'tower'}")
+    tower = load_tower(f"transformers:{tiny_clip_vision_dir}")
     assert (tower.pooled_dim, tower.token_dim, tower.num_tokens) == (24, 32, 17)
     assert model.family == "sdxl" and len(model.widths) == 2
     encoder = _shake(ConceptEncoder(_config(tower, model)))
@@ -218,7 +189,7 @@ def test_bounded_rows_stay_near_the_class_word():
 
 
 def test_gradient_reaches_the_head_through_the_placeholder_path(world_tower, world_model):
-    from oneword.inversion.objective import encode_prompts
+    from oneword.prompts import encode_prompts
     from oneword.tokens import add_placeholder, expand_prompt, get_rows, set_rows
 
     model = world_model

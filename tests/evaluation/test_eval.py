@@ -283,6 +283,7 @@ def _metrics(results: dict) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_eval_on_the_tiny_world_writes_the_report_and_is_deterministic(
     tiny_world_dir, world_suite, tmp_path, capsys
 ):
@@ -343,6 +344,7 @@ def test_eval_on_the_tiny_world_writes_the_report_and_is_deterministic(
     assert _metrics(again) == _metrics(results)
 
 
+@pytest.mark.slow
 def test_dreambooth_layout_and_a_registered_method(tiny_world_dir, tmp_path, monkeypatch):
     from oneword.tokens import add_placeholder
 
@@ -457,6 +459,7 @@ def test_clip_t_scores_each_sample_against_its_prompt_without_the_token():
     assert row["identity"] is None and row["dino"] is None
 
 
+@pytest.mark.slow
 def test_a_concept_scores_the_same_alone_or_after_others(tiny_world_dir, world_suite, tmp_path):
     # One model serves every concept (each with its own token): the tokens learned before
     # a concept must not change what it learns or how its samples score.
@@ -479,6 +482,7 @@ def test_a_concept_scores_the_same_alone_or_after_others(tiny_world_dir, world_s
     torch.testing.assert_close(rows_both, rows_one, atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_classic_step_counts_share_one_run_and_equal_separate_runs(
     tiny_world_dir, world_suite, tmp_path
 ):
@@ -528,6 +532,7 @@ def _counting_invert(monkeypatch, stop_at: int | None = None) -> list:
     return calls
 
 
+@pytest.mark.slow
 def test_a_stopped_eval_resumes_where_it_stopped_with_the_same_results(
     tiny_world_dir, world_suite, tmp_path, monkeypatch
 ):
@@ -598,6 +603,7 @@ def test_resume_refuses_a_run_with_other_settings(tiny_world_dir, world_suite, t
     assert (tmp_path / "e" / "progress" / "run.json").read_text() == kept  # nothing lost
 
 
+@pytest.mark.slow
 def test_clip_check_scores_are_oneword_encodes(tiny_world_dir, world_suite, tmp_path):
     # --check clip: each token's score is what `oneword encode --check clip` computes for the
     # same rows and images (samples of "a photo of a S*" against the class word's).

@@ -224,6 +224,7 @@ def test_resume_with_other_settings_is_an_error(tiny_sd1_dir, tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_through_the_cli(tiny_sd1_dir, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
@@ -446,25 +447,10 @@ def test_warm_start_starts_from_the_file(tiny_sd1_dir, tmp_path):
         )
 
 
-def test_clip_identity_loss(tiny_sd1_dir, tmp_path):
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    torch.manual_seed(0)
-    tower = CLIPVisionModelWithProjection(
-        CLIPVisionConfig(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-            projection_dim=8,
-        )
-    )
-    tower.save_pretrained(tmp_path / "clip")
+def test_clip_identity_loss(tiny_sd1_dir, tiny_clip_vision_dir):
     rows = {}
     for weight in (0.0, 1.0):
-        config = _config(steps=3, clip_weight=weight, clip_model=str(tmp_path / "clip"))
+        config = _config(steps=3, clip_weight=weight, clip_model=str(tiny_clip_vision_dir))
         result = invert(load_model(tiny_sd1_dir, device="cpu"), _images(), "<t>", "dog", config)
         rows[weight] = result.vectors[0]
         if weight:

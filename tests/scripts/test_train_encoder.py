@@ -11,12 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import root_script
 
 ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("train_encoder", ROOT / "train_encoder.py")
-train_encoder = importlib.util.module_from_spec(spec)
-sys.modules["train_encoder"] = train_encoder  # dataclasses look their module up there
-spec.loader.exec_module(train_encoder)
+train_encoder = root_script("train_encoder")  # the root script, imported by name
 
 
 def _records(out: Path, event: str) -> list[dict]:
@@ -73,6 +71,7 @@ def test_tiny_run_writes_the_encoder_checkpoints_log_and_grid(tiny_world_dir, tm
     assert end["step"] == 4 and end["images_per_s"] > 0 and end["loader_images_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_resume_continues_the_step_count_and_the_data_stream(tiny_world_dir, tmp_path):
     from oneword.encoder.model import load_encoder
 
@@ -184,29 +183,20 @@ def test_two_processes_read_disjoint_shards_and_end_with_identical_weights(
     assert (out / "encoder.safetensors").is_file()
 
 
-def test_sdxl_model_with_a_transformers_tower_and_a_given_val_suite(tiny_sdxl_dir, tmp_path):
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
+@pytest.mark.slow
+def test_sdxl_model_with_a_transformers_tower_and_a_given_val_suite(
+    tiny_sdxl_dir, tiny_clip_vision_dir, tmp_path
+):
     from oneword.datasets.suite import write_world_suite
     from oneword.datasets.world import training_identities
     from oneword.encoder.model import load_encoder
 
     torch.manual_seed(0)
-    tower_config = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-        projection_dim=24,
-    )
-    CLIPVisionModelWithProjection(tower_config).save_pretrained(tmp_path / "tower")
     suite = write_world_suite(
         tmp_path / "suite", images_per_concept=3, identities=training_identities()[:2]
     )
     out = tmp_path / "run"
-    extra = ["--tower", f"transformers:{tmp_path / 'tower'}", "--data", f"folders:{suite}"]
+    extra = ["--tower", f"transformers:{tiny_clip_vision_dir}", "--data", f"folders:{suite}"]
     extra += ["--val-suite", str(suite), "--steps", "2", "--vectors", "2"]
     assert _run(tiny_sdxl_dir, out, *extra) == 0
     encoder = load_encoder(out / "encoder.safetensors")

@@ -7,13 +7,15 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import root_script
 
-from oneword.world.train import (
+root_script("train_world")  # the root script, importable by name from here on
+
+from train_world import (  # noqa: E402
     PRESETS,
     STAGES,
     StageState,
     WorldTrainConfig,
-    config_from_args,
     train_world,
 )
 
@@ -47,17 +49,6 @@ def test_tiny_world_is_a_diffusers_pipeline_with_oracle(tiny_world_dir):
     assert "hexagon" in facts["attributes"]["shape"]
 
 
-def test_oracle_loads_and_reads_every_attribute(tiny_world_dir):
-    from oneword.datasets import world
-    from oneword.world.oracle import Oracle
-
-    oracle = Oracle.load(tiny_world_dir / "oracle")
-    scenes = world.sample_scenes(3, torch.Generator().manual_seed(0))
-    predicted = oracle.predict(world.render(scenes))
-    assert set(predicted) == set(world.ATTRIBUTES)
-    assert all(len(v) == 3 and all(x in world.VALUES[a] for x in v) for a, v in predicted.items())
-
-
 def test_stage_resumes_from_its_checkpoint(tmp_path):
     cfg = replace(
         WorldTrainConfig(out=str(tmp_path / "w"), work=str(tmp_path / "work")), **PRESETS["tiny"]
@@ -77,194 +68,8 @@ def test_stage_resumes_from_its_checkpoint(tmp_path):
     assert state.path.stat().st_mtime_ns == before
 
 
-def test_cli_flags_override_the_preset():
-    import argparse
-
-    from oneword.errors import OnewordError
-    from oneword.world.train import add_world_parser
-
-    parser = argparse.ArgumentParser()
-    add_world_parser(parser.add_subparsers())
-    args = parser.parse_args(
-        [
-            "world",
-            "train",
-            "--preset",
-            "tiny",
-            "--unet-steps",
-            "7",
-            "--unet-channels",
-            "8",
-            "16",
-            "--stage-seconds",
-            "unet=30",
-            "--unet-pattern-weight",
-            "checkered=2",
-            "dotted=1.5",
-        ]
-    )
-    cfg = config_from_args(args)
-    assert (
-        cfg.unet_steps == 7 and cfg.unet_channels == (8, 16) and cfg.stage_seconds == {"unet": 30.0}
-    )
-    assert cfg.unet_pattern_weight == {"checkered": 2.0, "dotted": 1.5}
-    assert cfg.clip_steps == PRESETS["tiny"]["clip_steps"]
-    for bad in ("checkered", "checkered=two", "=2"):
-        args = parser.parse_args(["world", "train", "--unet-pattern-weight", bad])
-        with pytest.raises(OnewordError, match=f"--unet-pattern-weight {bad}: expected NAME="):
-            config_from_args(args)
-
-
-def test_every_config_flag_has_help_with_the_cpu_presets_value(capsys):
-    import argparse
-    from dataclasses import fields
-
-    from oneword.world.train import FLAG_HELP, WorldTrainConfig, add_world_parser
-
-    flagged = {f.name for f in fields(WorldTrainConfig)} - {"extra", "stages", "stage_seconds"}
-    assert set(FLAG_HELP) == flagged  # a new field needs a line; a removed one loses it
-    parser = argparse.ArgumentParser()
-    add_world_parser(parser.add_subparsers())
-    with pytest.raises(SystemExit):
-        parser.parse_args(["world", "train", "--help"])
-    text = " ".join(capsys.readouterr().out.split())
-    assert (
-        "square crops of this side around the object (0: whole images) (the cpu preset: 0)" in text
-    )
-    assert f"(the cpu preset: {PRESETS['cpu']['unet_steps']})" in text
-    assert "--unet-channels UNET_CHANNELS [UNET_CHANNELS ...] UNet channels per level" in text
-
-
-@pytest.mark.slow
-def test_fidelity_report_has_every_attribute(tiny_world_dir, tmp_path):
-    from oneword.world.fidelity import measure_fidelity
-
-    report = measure_fidelity(
-        tiny_world_dir, captions=2, steps=2, device="cpu", grid=tmp_path / "g.png", ceiling=True
-    )
-    assert set(report["per_attribute"]) == {
-        "shape",
-        "colour",
-        "pattern",
-        "background",
-        "size",
-        "position",
-    }
-    assert 0.0 <= report["all"] <= min(report["per_attribute"].values())
-    assert (tmp_path / "g.png").exists()
-    for attribute, rows in report["confusion"].items():
-        assert sum(sum(reads.values()) for reads in rows.values()) == report["n"]
-        assert set(report["per_value"][attribute]) == set(rows)
-    ceiling = report["vae_ceiling"]
-    assert set(ceiling["per_attribute"]) == set(report["per_attribute"])
-    assert 0.0 <= ceiling["all"] <= min(ceiling["per_attribute"].values())
-
-
-def test_fresh_render_readers_match_what_the_training_stages_measured(tiny_world_dir, capsys):
-    from types import SimpleNamespace
-
-    from oneword.errors import OnewordError
-    from oneword.world.fidelity import fresh_render_accuracy, run_fidelity, zero_shot_accuracy
-
-    stages = json.loads((tiny_world_dir / "world.json").read_text())["stages"]
-    n = PRESETS["tiny"]["eval_renders"] // 4  # the clip stage's zero-shot: seed 0 + 99, n/4
-    fresh = fresh_render_accuracy(tiny_world_dir, n=n, seed=99, device="cpu")
-    assert fresh["n"] == n and set(fresh["oracle"]) == set(fresh["clip_zero_shot"])
-    # The exported CLIP, read back through the evaluation's scorer, gives the stage's numbers.
-    assert fresh["clip_zero_shot"] == pytest.approx(stages["clip"]["zero_shot_accuracy"])
-    with pytest.raises(OnewordError, match="--renders must be >= 1"):
-        fresh_render_accuracy(tiny_world_dir, n=0)
-    # Features that point straight at the right prompts read every attribute right; the
-    # same features against the prompts of the next value read none right.
-    from oneword.datasets import world
-    from oneword.world.fidelity import ZERO_SHOT_PROMPTS
-
-    prompts = [t.format(v) for a, t in ZERO_SHOT_PROMPTS.items() for v in world.VALUES[a]]
-    index = {p: i for i, p in enumerate(prompts)}
-    assert len(index) == len(prompts)  # no prompt serves two attributes
-
-    def one_hot(texts):
-        return torch.nn.functional.one_hot(
-            torch.tensor([index[t] for t in texts]), len(index)
-        ).float()
-
-    scenes = world.sample_scenes(12, torch.Generator().manual_seed(1))
-    truth = [
-        [ZERO_SHOT_PROMPTS[a].format(getattr(s, a)) for a in ZERO_SHOT_PROMPTS] for s in scenes
-    ]
-    image = torch.nn.functional.normalize(torch.stack([one_hot(t).sum(0) for t in truth]), dim=-1)
-    assert set(zero_shot_accuracy(image, one_hot, scenes).values()) == {1.0}
-
-    following = {  # each prompt -> the prompt of its attribute's next value
-        t.format(v): t.format(values[(i + 1) % len(values)])
-        for a, t in ZERO_SHOT_PROMPTS.items()
-        for values in [world.VALUES[a]]
-        for i, v in enumerate(values)
-    }
-
-    def shifted(texts):
-        return one_hot([following[t] for t in texts])
-
-    assert set(zero_shot_accuracy(image, shifted, scenes).values()) == {0.0}
-
-    args = SimpleNamespace(model=str(tiny_world_dir), captions=1, samples=1, steps=1,
-                           guidance=5.0, seed=0, grid=None, ceiling=False, renders=n, json=None)  # fmt: skip
-    assert run_fidelity(args) == 0
-    assert f"| {n} fresh renders |" in capsys.readouterr().out
-
-
-def test_fidelity_confusion_counts_what_was_asked_against_what_was_read():
-    import torch
-
-    from oneword.datasets import world
-    from oneword.world.fidelity import per_value, score
-
-    scenes = world.sample_scenes(6, torch.Generator().manual_seed(0), named_only=True)
-    truth = {a: [getattr(s, a) for s in scenes] for a in world.ATTRIBUTES}
-    wrong = [v for v in world.VALUES["pattern"] if v != truth["pattern"][0]][0]
-
-    class Oracle:  # reads everything right except the first sample's pattern
-        def predict(self, images):
-            read = {a: list(v) for a, v in truth.items()}
-            read["pattern"][0] = wrong
-            return read
-
-    result = score(Oracle(), torch.zeros(6, 3, 8, 8), scenes, confusion=True)
-    first = truth["pattern"][0]
-    asked_first = truth["pattern"].count(first)
-    assert result["confusion"]["pattern"][first][wrong] == 1
-    assert result["pattern"] == pytest.approx(5 / 6) and result["all"] == pytest.approx(5 / 6)
-    assert result["shape"] == 1.0
-    assert per_value(result["confusion"]["pattern"])[first] == (asked_first - 1) / asked_first
-
-
-def test_world_suite_and_shards_commands(tmp_path):
-    from oneword.cli import main
-    from oneword.datasets.suite import read_suite
-
-    assert main(["world", "suite", "--out", str(tmp_path / "suite"), "--images", "3"]) == 0
-    concepts = read_suite(tmp_path / "suite")
-    assert len(concepts) >= 20 and all(len(c.images) == 3 for c in concepts)
-    assert (
-        main(
-            [
-                "world",
-                "shards",
-                "--out",
-                str(tmp_path / "shards"),
-                "--count",
-                "12",
-                "--per-shard",
-                "5",
-            ]
-        )
-        == 0
-    )
-    assert len(list((tmp_path / "shards").glob("*.tar"))) == 3
-
-
 def test_masked_cross_entropy_ignores_unmentioned_attributes():
-    from oneword.world.train import _masked_cross_entropy
+    from train_world import _masked_cross_entropy
 
     logits = torch.randn(4, 3)
     labels = torch.tensor([0, -100, 2, -100])
@@ -276,7 +81,7 @@ def test_masked_cross_entropy_ignores_unmentioned_attributes():
 
 def test_text_labels_follow_the_caption():
     from oneword.datasets import world
-    from oneword.world.train import Batches
+    from train_world import Batches
 
     _, captions, labels, text_labels = Batches(0, 32, torch.device("cpu")).next_with_mentions(64)
     assert len(captions) == 64
@@ -291,7 +96,7 @@ def test_text_labels_follow_the_caption():
 def test_latent_pool_is_seeded_and_draws_fresh_captions(tiny_world_dir):
     from diffusers import AutoencoderKL
 
-    from oneword.world.train import Batches, LatentPool
+    from train_world import Batches, LatentPool
 
     vae = AutoencoderKL.from_pretrained(tiny_world_dir / "vae").eval()
     a = LatentPool(vae, 10, seed=3, resolution=64, device=torch.device("cpu"))
@@ -316,7 +121,7 @@ def test_latent_pool_cache_is_reused_only_for_the_same_vae_renderer_and_settings
 ):
     from diffusers import AutoencoderKL
 
-    from oneword.world import train
+    import train_world as train
 
     vae = AutoencoderKL.from_pretrained(tiny_world_dir / "vae").eval()
     cpu, cache = torch.device("cpu"), tmp_path / "pool.safetensors"
@@ -401,7 +206,7 @@ def test_vae_decoder_stage_keeps_the_latent_space(tmp_path):
 
 def test_a_unet_with_attention_at_more_levels_starts_as_exactly_the_one_it_grows_from(tmp_path):
     from oneword.errors import OnewordError
-    from oneword.world.train import build_unet, warm_start_unet
+    from train_world import build_unet, warm_start_unet
 
     cfg = replace(WorldTrainConfig(), **PRESETS["tiny"])
     torch.manual_seed(0)
@@ -437,7 +242,7 @@ def test_a_unet_with_attention_at_more_levels_starts_as_exactly_the_one_it_grows
 def test_object_crops_hold_the_object_on_the_latent_grid():
     from oneword.datasets import world
     from oneword.errors import OnewordError
-    from oneword.world.train import object_crops
+    from train_world import object_crops
 
     scenes = [
         world.Scene("circle", "red", "solid", "blue", "small", position)
@@ -464,6 +269,7 @@ def test_object_crops_hold_the_object_on_the_latent_grid():
         object_crops(pixels, scenes, 30, 8, torch.Generator())
 
 
+@pytest.mark.slow
 def test_sixteen_channel_latents_train_and_sample(tmp_path):
     """--vae-latent-channels reaches the VAE, the UNet and the samplers (SD3's VAEs have 16)."""
     from diffusers import StableDiffusionPipeline
@@ -481,6 +287,7 @@ def test_sixteen_channel_latents_train_and_sample(tmp_path):
     assert image.shape == (1, 64, 64, 3)
 
 
+@pytest.mark.slow
 def test_stages_side_by_side_wait_for_what_they_read(tmp_path):
     """--jobs 2: CLIP and VAE run at once, the oracle after the VAE, alone with 2 threads."""
     cfg = replace(
@@ -535,7 +342,7 @@ def test_clip_vision_stage_starts_from_an_exported_world(tiny_world_dir, tmp_pat
 
     from transformers import CLIPVisionModelWithProjection
 
-    from oneword.world.train import _load_exported_clip, build_clip
+    from train_world import _load_exported_clip, build_clip
 
     out = tmp_path / "w"
     shutil.copytree(tiny_world_dir, out)
@@ -566,7 +373,7 @@ def test_a_stop_file_ends_a_stage_early_but_exported(tmp_path):
 
 
 def test_a_running_stage_follows_its_threads_file_and_ignores_a_bad_one(tmp_path, caplog):
-    from oneword.world.train import WorldTrainConfig, _follow_threads
+    from train_world import WorldTrainConfig, _follow_threads
 
     cfg = WorldTrainConfig(work=str(tmp_path))
     before = torch.get_num_threads()
@@ -620,7 +427,7 @@ def test_exported_weights_are_fp16_on_disk_and_load_as_fp32_without_a_cast_warni
     from diffusers import UNet2DConditionModel
     from safetensors import safe_open
 
-    from oneword.world.train import _save_fp16, build_unet
+    from train_world import _save_fp16, build_unet
 
     cfg = replace(WorldTrainConfig(), **PRESETS["tiny"])
     torch.manual_seed(0)
@@ -646,7 +453,7 @@ def test_unet_pattern_settings_reweight_the_pool_draws_and_bad_ones_fail_before_
 
     from oneword.datasets.world import PATTERNS, UNNAMED_PATTERNS
     from oneword.errors import OnewordError
-    from oneword.world.train import Batches, LatentPool, unet_pattern_weights
+    from train_world import Batches, LatentPool, unet_pattern_weights
 
     cfg = replace(WorldTrainConfig(), **PRESETS["tiny"])
     assert unet_pattern_weights(cfg) is None  # the shipped recipe: the renderer's own draw

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from .errors import OnewordError
+from ..errors import OnewordError
 
 DEMO_STEPS = 150  # short: the point is to see it work end to end in a few minutes
 
 
 def _concept(name: str | None):
-    from .datasets import world
+    from ..datasets import world
 
     if name is None:
         return world.HELD_OUT[0]
@@ -38,8 +38,8 @@ def write_concept_images(
     identity, folder: Path, *, count: int = 5, seed: int = 0, resolution: int = 64
 ) -> list[Path]:
     """Render `count` varied scenes of `identity` as PNG files in `folder`."""
-    from .datasets import world
-    from .images import tensor_to_images
+    from ..datasets import world
+    from ..images import tensor_to_images
 
     scenes = world.concept_scenes(identity, count, torch.Generator().manual_seed(seed))
     pixels = world.render(scenes, resolution)
@@ -53,12 +53,12 @@ def write_concept_images(
 
 
 def run_demo(args) -> int:
-    from .datasets import world
-    from .encoder.encode import DEFAULT_ENCODER
-    from .images import load_images, save_grid
-    from .inversion import InversionConfig, invert
-    from .models import load_model
-    from .sampling import generate
+    from ..datasets import world
+    from ..encoder.encode import DEFAULT_ENCODER
+    from ..images import load_images, save_grid
+    from ..inversion import InversionConfig, invert
+    from ..models import load_model
+    from ..sampling import generate
 
     out = Path(args.out)
     timings: dict[str, float] = {}
@@ -95,8 +95,8 @@ def run_demo(args) -> int:
         print(f"no encoder at {encoder_path}: learning the token by classic inversion")
         encoder_path = None
     if encoder_path is not None:
-        from .encoder.encode import encode
-        from .encoder.model import load_encoder
+        from ..encoder.encode import encode
+        from ..encoder.model import load_encoder
 
         result = encode(
             model,
@@ -123,7 +123,12 @@ def run_demo(args) -> int:
     t = time.time()
     prompts = [f"a photo of {args.token}"] + [template.format(args.token) for template in edits]
     samples = generate(
-        model, prompts, placeholders=[result.placeholder], num_per_prompt=4, seed=args.seed
+        model,
+        prompts,
+        placeholders=[result.placeholder],
+        num_per_prompt=4,
+        seed=args.seed,
+        progress=not args.quiet,
     )
     references = load_images(images_arg, model.resolution)[:4]
     grid = save_grid(
@@ -152,8 +157,8 @@ def add_demo_parser(subparsers) -> None:
         epilog="examples:\n  oneword demo\n  oneword demo --concept teal-square-split --out runs/demo\n"
         "  oneword demo --images my_shapes/ --init star",
     )
-    from .encoder.encode import DEFAULT_ENCODER
-    from .models import DEFAULT_MODEL
+    from ..encoder.encode import DEFAULT_ENCODER
+    from ..models import DEFAULT_MODEL
 
     parser.add_argument(
         "--model", default=DEFAULT_MODEL, help="diffusers folder (default: the miniature world)"

@@ -1,4 +1,7 @@
-"""Train the miniature world from scratch: CLIP, VAE, oracle, UNet — `oneword world train`.
+"""Train the miniature world from scratch: CLIP, VAE, oracle, UNet.
+
+    python train_world.py --preset cpu --out checkpoints/world   (= `oneword world train ...`)
+
 
 The result is a standard diffusers `StableDiffusionPipeline` folder (tokenizer/, text_encoder/,
 unet/, vae/, scheduler/, plus the CLIP vision tower as image_encoder/ and the oracle as
@@ -34,11 +37,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..datasets import world
-from ..errors import OnewordError
-from ..io import atomic_path, atomic_write_text
-from .fidelity import zero_shot_accuracy
-from .oracle import Oracle, OracleConfig, oracle_accuracy
+from oneword.datasets import world
+from oneword.errors import OnewordError
+from oneword.io import atomic_path, atomic_write_text
+from oneword.tokenizer import tokenize
+from oneword.world.fidelity import noise_scheduler_config, quick_fidelity, zero_shot_accuracy
+from oneword.world.oracle import Oracle, OracleConfig, oracle_accuracy
 
 log = logging.getLogger("oneword.world")
 
@@ -515,17 +519,6 @@ def to_unit(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.float() / 127.5 - 1.0
 
 
-def tokenize(tokenizer, captions: list[str], device: torch.device) -> torch.Tensor:
-    # Exactly as diffusers' SD pipelines do: pad to 77, truncate, no attention mask.
-    return tokenizer(
-        captions,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(device)
-
-
 class StageState:
     """Atomic, resumable state of one stage: `work/<stage>/state.pt` and a `done` marker."""
 
@@ -569,7 +562,7 @@ def _log(cfg: WorldTrainConfig, stage: str, record: dict) -> None:
 def build_clip(cfg: WorldTrainConfig):
     from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
-    from ..tokenizer import CLIP_VOCAB_SIZE
+    from oneword.tokenizer import CLIP_VOCAB_SIZE
 
     text = CLIPTextConfig(
         vocab_size=CLIP_VOCAB_SIZE,
@@ -685,13 +678,6 @@ def warm_start_unet(unet, folder: str | Path) -> dict:
     return {"copied": len(theirs), "new": new}
 
 
-def noise_scheduler_config() -> dict:
-    # Stable Diffusion's schedule (scaled-linear betas 0.00085 -> 0.012, 1000 steps, epsilon).
-    from ..tiny import _scheduler_config
-
-    return _scheduler_config("epsilon")
-
-
 def _save_fp16(module, folder: Path) -> None:
     """save_pretrained with fp16 weights (half the size) but dtype float32 in the config, so
     `from_pretrained` without torch_dtype still gives an fp32 model (CPU-friendly)."""
@@ -711,7 +697,7 @@ def load_clip_parts(out: Path, device: torch.device):
     """The exported text tower (CLIPTextModel) and tokenizer, frozen."""
     from transformers import CLIPTextModel
 
-    from ..tokenizer import load_clip_tokenizer
+    from oneword.tokenizer import load_clip_tokenizer
 
     text_encoder = CLIPTextModel.from_pretrained(out / "text_encoder", torch_dtype=torch.float32)
     return load_clip_tokenizer(out / "tokenizer"), text_encoder.to(device).eval().requires_grad_(
@@ -815,7 +801,7 @@ def train_clip_vision(cfg: WorldTrainConfig, device: torch.device) -> dict:
 def _train_clip(cfg: WorldTrainConfig, device: torch.device, *, vision_only: bool) -> dict:
     from transformers import CLIPVisionModelWithProjection
 
-    from ..tokenizer import load_clip_tokenizer, write_clip_tokenizer
+    from oneword.tokenizer import load_clip_tokenizer, write_clip_tokenizer
 
     out = Path(cfg.out)
     if not (out / "tokenizer" / "vocab.json").exists():
@@ -1311,8 +1297,6 @@ def train_unet(cfg: WorldTrainConfig, device: torch.device) -> dict:
     total = cfg.unet_steps
     step = start_step
     chunk = cfg.fidelity_every or total
-    from .fidelity import quick_fidelity
-
     while step < total:
         target = min(total, (step // chunk + 1) * chunk)
         step = _run_loop(
@@ -1397,7 +1381,7 @@ def write_pipeline_index(
 
     `inherited`: {"stages": [...], "config": {...}}, the stages whose facts come from the
     folder's earlier world.json (not this run) and the config they were trained with."""
-    from .. import __version__
+    from oneword import __version__
 
     out = Path(cfg.out)
     index = {
@@ -1569,40 +1553,47 @@ def _read_world_facts(out: Path) -> dict:
         return {}
 
 
-def add_world_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "world",
-        help="the miniature world: train its models, write its data and concept suite",
-        description="Train the miniature world (CLIP, VAE, oracle, UNet) or write its shards/suite.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  oneword world train --preset cpu --out checkpoints/world\n"
-        "  oneword world train --preset tiny --out /tmp/w --work /tmp/w-work\n"
-        "  oneword world fidelity --model checkpoints/world --captions 240\n"
-        "  oneword world suite --out runs/world-suite\n"
-        "  oneword world shards --out runs/world-shards --count 20000",
-    )
-    sub = parser.add_subparsers(dest="world_command", required=True)
-    train = sub.add_parser("train", help="train every stage (resumes unfinished ones)")
-    train.add_argument(
+# ---------------------------------------------------------------------------------------
+# Command line: `python train_world.py ...`, the same as `oneword world train ...`
+
+EXAMPLES = """\
+examples:
+  python train_world.py --preset cpu --out checkpoints/world
+  python train_world.py --preset tiny --out /tmp/w --work /tmp/w-work
+  oneword world train --preset cpu --out checkpoints/world      # the same, from the CLI
+"""
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags: --preset, then one per `WorldTrainConfig` field (help: `FLAG_HELP`)."""
+    from oneword.cli.config import add_config_flags
+
+    parser.add_argument(
         "--preset",
         choices=sorted(PRESETS),
         default="cpu",
         help="settings the flags below override: cpu (the shipped world's recipe), gpu "
         "(larger batches and more steps), tiny (seconds; for tests)",
     )
-    for f in fields(WorldTrainConfig):
-        if f.name in ("extra", "stages", "stage_seconds", "unet_pattern_weight"):
-            continue
-        kind = type(f.default) if not isinstance(f.default, tuple) else None
-        flag = "--" + f.name.replace("_", "-")
+
+    def cpu_preset(f) -> str:
         cpu = PRESETS["cpu"].get(f.name, f.default)
         cpu = " ".join(map(str, cpu)) if isinstance(cpu, tuple) else cpu
-        text = f"{FLAG_HELP[f.name]} (the cpu preset: {cpu})"
-        if kind is None:
-            train.add_argument(flag, type=int, nargs="+", default=None, help=text)
-        else:
-            train.add_argument(flag, type=kind, default=None, help=text)
-    train.add_argument(
+        return f" (the cpu preset: {cpu})"
+
+    names = [
+        f.name
+        for f in fields(WorldTrainConfig)
+        if f.name not in ("extra", "stages", "stage_seconds", "unet_pattern_weight")
+    ]
+    add_config_flags(
+        parser,
+        WorldTrainConfig,
+        names,
+        overrides={name: {"help": FLAG_HELP[name]} for name in names},
+        help_suffix=cpu_preset,
+    )
+    parser.add_argument(
         "--stages",
         nargs="+",
         choices=STAGES + OPTIONAL_STAGES,
@@ -1610,70 +1601,42 @@ def add_world_parser(subparsers) -> None:
         help="stages to run (default: all of " + ", ".join(STAGES) + "; vae_decoder only when "
         "named: more decoder training with the encoder frozen, after the UNet has started)",
     )
-    train.add_argument(
+    parser.add_argument(
         "--stage-seconds",
         nargs="+",
         default=None,
         metavar="STAGE=SECONDS",
         help="wall-time cap per stage, e.g. clip=60 unet=300",
     )
-    train.add_argument(
+    parser.add_argument(
         "--unet-pattern-weight",
         nargs="+",
         default=None,
         metavar="PATTERN=WEIGHT",
         help=FLAG_HELP["unet_pattern_weight"] + " (the cpu preset: none)",
     )
-    train.set_defaults(func=run_world_train)
-    suite = sub.add_parser(
-        "suite", help="write the held-out concepts as a concept suite (for oneword eval)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train_world.py",
+        description=__doc__,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    suite.add_argument("--out", required=True, help="new folder for the suite")
-    suite.add_argument("--images", type=int, default=5, help="images per concept")
-    suite.add_argument("--seed", type=int, default=0)
-    suite.set_defaults(func=run_world_suite)
-    shards = sub.add_parser(
-        "shards", help="write world renders as WebDataset shards (png + txt + json)"
-    )
-    shards.add_argument("--out", required=True, help="new folder for the shards")
-    shards.add_argument("--count", type=int, default=10000, help="number of samples")
-    shards.add_argument("--per-shard", type=int, default=1000)
-    shards.add_argument("--seed", type=int, default=0)
-    shards.add_argument("--name-all", action="store_true", help="captions name unnamed values too")
-    shards.set_defaults(func=run_world_shards)
-    from .fidelity import add_fidelity_parser
-
-    add_fidelity_parser(sub)
-
-
-def run_world_suite(args) -> int:
-    from ..datasets.suite import write_world_suite
-
-    print(write_world_suite(args.out, images_per_concept=args.images, seed=args.seed))
-    return 0
-
-
-def run_world_shards(args) -> int:
-    from ..datasets.shards import write_world_shards
-
-    paths = write_world_shards(
-        args.out, args.count, seed=args.seed, maxcount=args.per_shard, name_all=args.name_all
-    )
-    print(f"wrote {len(paths)} shards to {args.out}")
-    return 0
+    add_train_arguments(parser)
+    return parser
 
 
 def config_from_args(args) -> WorldTrainConfig:
-    cfg = replace(WorldTrainConfig(), **PRESETS[args.preset])
-    overrides = {}
-    for f in fields(WorldTrainConfig):
-        value = getattr(args, f.name, None)
-        if value is None or f.name == "extra":
-            continue
-        if f.name in ("stage_seconds", "unet_pattern_weight"):
-            value = _name_values(value, "--" + f.name.replace("_", "-"))
-        overrides[f.name] = tuple(value) if isinstance(value, list) else value
-    return replace(cfg, **overrides)
+    from oneword.cli.config import config_from_flags
+
+    base = replace(WorldTrainConfig(), **PRESETS[args.preset])
+    convert = {
+        name: functools.partial(_name_values, flag="--" + name.replace("_", "-"))
+        for name in ("stage_seconds", "unet_pattern_weight")
+    }
+    return config_from_flags(args, WorldTrainConfig, base, convert=convert)
 
 
 def _name_values(items: list[str], flag: str) -> dict[str, float]:
@@ -1690,8 +1653,25 @@ def _name_values(items: list[str], flag: str) -> dict[str, float]:
     return out
 
 
-def run_world_train(args) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Train with the parsed flags (`build_parser`); prints the resolved config first."""
     cfg = config_from_args(args)
     print(json.dumps({"config": asdict(cfg)}, default=str))
     train_world(cfg)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python train_world.py ...`; bad input ends as one line on stderr and exit status 2."""
+    import sys
+
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except OnewordError as exc:
+        print(f"train_world.py: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
