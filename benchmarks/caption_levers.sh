@@ -15,7 +15,7 @@
 # --unet-unnamed-pattern-weight 0.25" LEVERS="$CONTROL --unet-pattern-weight checkered=2".
 # The control arm is what makes the comparison fair: a re-warmed learning rate and more
 # steps move fidelity by themselves. Then each arm, and $MODEL itself, is measured with the
-# README's fidelity command (240 captions, DDIM 30, guidance 5, seed 0), and one table is
+# fidelity command of docs/world.md (240 captions, DDIM 30, guidance 5, seed 0), and one table is
 # printed: per attribute, per pattern, and how many pattern errors are unnamed patterns.
 #
 # Writes $OUT/ARM/world (pipeline folders), $OUT/ARM/work,

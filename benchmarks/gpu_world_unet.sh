@@ -10,7 +10,7 @@
 #   levers         the shipped UNet's own recipe (the caption levers), continued
 #   checkered      the same with checkered drawn twice as often (v3's weakest pattern)
 #   checkered_lr2  the same at twice the peak learning rate (2e-4)
-# Then the base and each arm are measured with the README's fidelity command (240 captions,
+# Then the base and each arm are measured with the fidelity command of docs/world.md (240 captions,
 # DDIM 30, guidance 5, seed 0) on the same device, and caption_levers.sh prints one table.
 # The numbers the README and the model card quote are measured on the CPU afterwards: a GPU
 # samples with other kernels, so its fidelity run is a guide, not the record.

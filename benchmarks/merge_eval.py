@@ -6,19 +6,17 @@ per method, the run it came from (`source`: folder, commit, date, threads). Fall
 columns are kept only for methods scored with the last run's check, so one table never mixes
 two checks. Runs that differ in suite, concepts, seed, samples, steps or guidance are refused.
 
-    python benchmarks/merge_eval.py benchmarks/results/eval-world \\
-        runs/eval-v2-classic3000 runs/eval-v2 runs/ablate-encoder/eval-distill0.1-offset6 \\
-        runs/eval-v2-enc2-refine
+    python benchmarks/merge_eval.py runs/eval-merged runs/eval-classic runs/eval-encoder
 
 With --pool, runs over disjoint sets of the suite's concepts are joined: the runs are
 grouped by concept set, each group is merged as above, and every method present in every
 group gets its per-concept rows pooled and its means recomputed over all of them (e.g. the
 first 12 concepts from four runs plus concepts 13-24 from a fifth). Methods missing from a
 group are left out of the pooled table, since their means would be over other concepts.
+The report of world v3.1's 24 concepts was made this way from two halves run side by side:
 
-    python benchmarks/merge_eval.py --pool benchmarks/results/eval-world-24 \
-        runs/eval-v2-classic3000 runs/eval-v2 runs/ablate-encoder/eval-distill0.1-offset6 \
-        runs/eval-v2-enc2-refine runs/eval-v2-12-24
+    python benchmarks/merge_eval.py --pool benchmarks/results/world-v3.1/eval/all-24 \\
+        runs/eval-v31/eval-a runs/eval-v31/eval-b
 
 Writes OUT/results.json, results.md and tradeoff.png (and check.png), and copies each
 method's grid into OUT/grids/.
