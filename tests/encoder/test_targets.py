@@ -177,7 +177,14 @@ def test_make_targets_flags_come_from_the_factory_config():
 def test_two_processes_share_the_targets_and_match_one_process(
     world_model, tiny_world_dir, tmp_path
 ):
-    run_factory(world_model, FactoryConfig(**(SMALL | {"batch_concepts": 2})), tmp_path / "one")
+    # Bitwise equality needs the same thread count on both sides (a CPU matmul's reduction
+    # order follows its threads): one, as the two torchrun workers below.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_factory(world_model, FactoryConfig(**(SMALL | {"batch_concepts": 2})), tmp_path / "one")
+    finally:
+        torch.set_num_threads(threads)
     torchrun = Path(sys.executable).with_name("torchrun")
     command = [str(torchrun), "--nproc_per_node", "2", str(ROOT / "make_targets.py")]
     command += ["--model", str(tiny_world_dir), "--out", str(tmp_path / "two"), "--quiet"]

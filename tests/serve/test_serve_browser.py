@@ -141,7 +141,7 @@ def test_bad_input_is_reported_in_the_page_and_nothing_is_written(
     page = open_page(browser, server.url)
     cases = [
         ([images[0]], "", "the token name is empty"),
-        ([images[0]], "a", "already exists in the tokenizer's vocabulary"),
+        ([images[0]], "dog", "already exists in the tokenizer's vocabulary"),
         ([text_file], "<t-text>", "notes.png is not an image PIL can read"),
         ([truncated], "<t-cut>", "cut.png is corrupt or truncated"),
         ([huge], "<t-huge>", "huge.png is 9000x9000 = 81,000,000 pixels, more than"),
