@@ -5,7 +5,8 @@ x --image-sets independent image sets (scene seeds 0, 1, ...), classic inversion
 class word for --steps steps with one seed, --batch-concepts targets per UNet batch. Each
 finished target is written at once to OUT/targets/<identity>@<seed>.safetensors and
 recorded in OUT/manifest/rank-R.jsonl; a restart with --resume skips finished targets and
-learns again any corrupt or partial file (named in OUT/log/rank-R.jsonl and on stderr).
+learns again any corrupt or partial file (named in OUT/log/rank-R.jsonl and on stderr), and
+says how many targets it keeps and which ones a killed run was learning when it stopped.
 When every target is done, OUT/targets.safetensors holds the table that
 `train_encoder.py --targets OUT` reads.
 

@@ -1654,8 +1654,15 @@ def _name_values(items: list[str], flag: str) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train with the parsed flags (`build_parser`); prints the resolved config first."""
+    """Train with the parsed flags (`build_parser`); prints the resolved config first.
+
+    --out and --work are checked and owned (`prepare_out_dir`) before any stage runs. Only
+    this process holds the locks: the stage processes of --jobs run `train_world`, not
+    `run`, so they write into the folders their parent owns."""
+    from oneword.io import prepare_out_dir
+
     cfg = config_from_args(args)
+    owned = [prepare_out_dir(cfg.out), prepare_out_dir(cfg.work, what="--work")]  # noqa: F841
     print(json.dumps({"config": asdict(cfg)}, default=str))
     train_world(cfg)
     return 0

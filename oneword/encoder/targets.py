@@ -17,7 +17,9 @@ The factory is one resumable job over `target_specs(...)`:
    (its rows; identity, image set, steps, final loss, seconds and the settings in the
    metadata) and recorded in the rank's manifest OUT/manifest/rank-R.jsonl;
 3. a restart (`resume=True`) checks every target file of its share: a valid one is skipped,
-   a corrupt, partial or foreign one is named in the log and learned again;
+   a corrupt, partial or foreign one is named in the log and learned again, and it says
+   how many are kept and left, naming those a killed run was learning when it stopped
+   (each UNet batch is logged as "learning" before its work);
 4. the process that finds every target done assembles the target table
    OUT/targets.safetensors (`load_targets` reads it; `train_encoder.py --targets`).
 
@@ -172,8 +174,18 @@ def target_path(out: Path, spec: TargetSpec) -> Path:
     return out / "targets" / f"{spec.key}.safetensors"
 
 
+def _rows_digest(rows: Sequence[torch.Tensor]) -> str:
+    """SHA-256 of the rows' fp32 bytes, in encoder order: safetensors has no checksum, and a
+    flipped bit in the data would otherwise pass for a learned target."""
+    digest = hashlib.sha256()
+    for tensor in rows:
+        digest.update(tensor.float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def write_target(path: Path, spec: TargetSpec, result: dict, settings: dict, **facts) -> Path:
-    """Atomically write one target: rows "rows.E" (K, d_E) and its facts as metadata."""
+    """Atomically write one target: rows "rows.E" (K, d_E) and its facts as metadata (with
+    the rows' SHA-256, which `read_target` checks)."""
     from safetensors.torch import save_file
 
     from ..io import atomic_path
@@ -181,6 +193,7 @@ def write_target(path: Path, spec: TargetSpec, result: dict, settings: dict, **f
     tensors = {f"rows.{e}": v.float().contiguous() for e, v in enumerate(result["vectors"])}
     metadata = {
         "format": TARGET_FORMAT,
+        "rows_sha256": _rows_digest(list(tensors.values())),
         "key": spec.key,
         "identity": spec.identity.name,
         "class_word": spec.identity.class_word(),
@@ -204,7 +217,8 @@ def read_target(path: Path, spec: TargetSpec, settings: dict, widths: Sequence[i
 
     Raises:
         OnewordError: with the reason the file cannot be used (missing, unreadable,
-        another target's, other settings, wrong shapes, non-finite rows).
+        another target's, other settings, wrong shapes, rows that do not match their
+        checksum, non-finite rows).
     """
     from safetensors import safe_open
 
@@ -228,9 +242,13 @@ def read_target(path: Path, spec: TargetSpec, settings: dict, widths: Sequence[i
                 f"rows.{e} has shape {None if rows is None else tuple(rows.shape)}, expected "
                 f"({settings['vectors']}, {width})"
             )
+        vectors.append(rows)
+    expected = metadata.get("rows_sha256")  # absent in files from before the checksum
+    if expected is not None and _rows_digest(vectors) != expected:
+        raise OnewordError("damaged: its rows do not match their checksum (rows_sha256)")
+    for e, rows in enumerate(vectors):
         if not bool(torch.isfinite(rows).all()):
             raise OnewordError(f"rows.{e} holds non-finite values")
-        vectors.append(rows)
     final_loss = json.loads(metadata.get("final_loss", "null"))
     return {
         "vectors": vectors,
@@ -245,15 +263,55 @@ def read_target(path: Path, spec: TargetSpec, settings: dict, widths: Sequence[i
 
 
 class _JsonLines:
-    """Append-only JSON lines (one record per line, flushed at once)."""
+    """Append-only JSON lines (one record per line, flushed at once). A line torn by a killed
+    run is ended with a newline on open, so it stays one unreadable line (`_read_records`
+    skips it) instead of swallowing the next record."""
 
     def __init__(self, path: Path):
+        from ..io import write_failed
+
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_file() and path.stat().st_size:
+                with open(path, "rb+") as handle:
+                    handle.seek(-1, os.SEEK_END)
+                    if handle.read(1) != b"\n":
+                        handle.write(b"\n")
+        except OSError as error:
+            raise write_failed(path, error) from None
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        from ..io import write_failed
+
+        try:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as error:  # a full disk: one line naming the file, not a traceback
+            raise write_failed(self.path, error) from None
+
+
+def _read_records(path: Path) -> list[dict]:
+    """The records of a JSON-lines file; lines torn by a kill are skipped."""
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+def _interrupted(log_path: Path) -> set[str]:
+    """Targets whose UNet batch the log shows started ("learning") but never finished
+    ("chunk"): the work a killed run lost."""
+    started, finished = set(), set()
+    for record in _read_records(log_path):
+        if record.get("event") == "learning":
+            started.update(record.get("targets", []))
+        elif record.get("event") == "chunk":
+            finished.update(record.get("targets", []))
+    return started - finished
 
 
 def _check_settings_file(out: Path, settings: dict, resume: bool, is_main: bool) -> None:
@@ -262,7 +320,13 @@ def _check_settings_file(out: Path, settings: dict, resume: bool, is_main: bool)
 
     info = out / "factory.json"
     if info.is_file():
-        stored = json.loads(info.read_text())
+        try:
+            stored = json.loads(info.read_text())
+        except ValueError:
+            raise OnewordError(
+                f"{info} is not readable JSON (the factory's settings); restore it or choose a "
+                "new --out"
+            ) from None
         # Only the main process refuses an existing factory on a fresh start: the others may
         # see the file it has just written.
         if not resume and is_main:
@@ -325,6 +389,7 @@ def run_factory(
     ]
     mine = [c for index, c in enumerate(chunks) if index % world_size == rank]
     log = _JsonLines(out / "log" / f"rank-{rank}.jsonl")
+    interrupted = _interrupted(log.path)  # before this run's records
     manifest = _JsonLines(out / "manifest" / f"rank-{rank}.jsonl")
     log.write({"event": "start", "rank": rank, "world_size": world_size, "settings": settings,
                "targets": len(specs), "chunks": len(chunks), "my_chunks": len(mine),
@@ -350,6 +415,16 @@ def run_factory(
             todo.append(left)
     if skipped and not resume:
         raise OnewordError(f"{out} already holds targets of this share; pass --resume")
+    if resume:
+        left = [s.key for chunk in todo for s in chunk]
+        lost = [key for key in left if key in interrupted]
+        log.write({"event": "resume", "kept": len(skipped), "left": len(left),
+                   "interrupted": lost})  # fmt: skip
+        notice = f"resuming {out}: {len(skipped)} finished targets kept, {len(left)} to learn"
+        if lost:
+            shown = ", ".join(lost[:8]) + (f" and {len(lost) - 8} more" if len(lost) > 8 else "")
+            notice += f"; interrupted by the last run's stop, so learned again: {shown}"
+        say(notice)
 
     # 2. Learn the chunks, one UNet batch each; write each target as soon as it is learned.
     inversion = config.inversion_config()
@@ -363,6 +438,8 @@ def run_factory(
         if max_chunks is not None and chunks_done >= max_chunks:
             break
         tic = time.perf_counter()
+        # Logged before the work: a restart after a kill names the targets it learns again.
+        log.write({"event": "learning", "targets": [s.key for s in chunk]})
         concept_specs = []
         for spec in chunk:
             _, pixels = concept_image_set(

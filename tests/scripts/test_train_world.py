@@ -289,13 +289,17 @@ def test_sixteen_channel_latents_train_and_sample(tmp_path):
 
 @pytest.mark.slow
 def test_stages_side_by_side_wait_for_what_they_read(tmp_path):
-    """--jobs 2: CLIP and VAE run at once, the oracle after the VAE, alone with 2 threads."""
+    """--jobs 2: CLIP and VAE run at once, the oracle after the VAE, alone with 2 threads.
+    Through the script's main, so the parent owns --out and --work (their locks) while its
+    stage processes write into them."""
     cfg = replace(
         WorldTrainConfig(out=str(tmp_path / "w"), work=str(tmp_path / "work")), **PRESETS["tiny"]
     )
-    infos = train_world(replace(cfg, stages=("clip", "vae", "oracle"), jobs=2))
-    assert set(infos) == {"clip", "vae", "oracle"}
+    train = root_script("train_world")
+    args = ["--preset", "tiny", "--out", cfg.out, "--work", cfg.work, "--jobs", "2"]
+    assert train.main([*args, "--stages", "clip", "vae", "oracle"]) == 0
     assert all(StageState(cfg, s).done for s in ("clip", "vae", "oracle"))
+    assert not list(tmp_path.glob(".*.oneword.lock"))  # released when the run ended
     assert (tmp_path / "work" / "oracle" / "threads").read_text() == "2"
     records = [json.loads(line) for line in (tmp_path / "work" / "log.jsonl").open()]
     assert [r for r in records if r["stage"] == "run"][0]["jobs"] == 2
@@ -491,3 +495,66 @@ def test_unet_pattern_settings_reweight_the_pool_draws_and_bad_ones_fail_before_
         with pytest.raises(OnewordError, match=match):
             train_world(bad)
         assert not (tmp_path / "work").exists()  # refused before the first stage
+
+
+def test_an_out_or_work_that_cannot_be_a_folder_is_refused_before_any_stage(
+    tmp_path, capsys, monkeypatch
+):
+    train = root_script("train_world")
+    trained = []
+    monkeypatch.setattr(train, "train_world", lambda cfg: trained.append(cfg) or {})
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    work = ["--work", str(tmp_path / "work")]
+    for args, flag in (
+        (["--out", str(blocker), *work], "--out"),
+        (["--out", str(blocker / "w"), *work], "--out"),
+        (["--out", str(tmp_path / "w"), "--work", str(blocker / "work")], "--work"),
+    ):
+        assert train.main(["--preset", "tiny", *args]) == 2
+        captured = capsys.readouterr()
+        (line,) = captured.err.strip().splitlines()
+        assert line.startswith(f"train_world.py: error: {flag} ") and str(blocker) in line, line
+        assert "file" in line and captured.out == ""  # before the config is even printed
+    assert trained == [] and not (tmp_path / "work").exists() and not (tmp_path / "w").exists()
+
+
+def test_an_out_or_work_owned_by_another_run_is_refused_before_any_stage(
+    tmp_path, capsys, monkeypatch
+):
+    import subprocess
+    import sys
+
+    train = root_script("train_world")
+    trained = []
+    monkeypatch.setattr(train, "train_world", lambda cfg: trained.append(cfg) or {})
+    out, work = tmp_path / "w", tmp_path / "work"
+    # Another run owns --work (the lock is per process, so that run is a process of its own).
+    owner = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from oneword.io import prepare_out_dir; "
+         "lock = prepare_out_dir(sys.argv[1]); print('owned', flush=True); sys.stdin.read()",
+         str(work)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert owner.stdout.readline().strip() == "owned"
+        args = ["--preset", "tiny", "--out", str(out), "--work", str(work)]
+        assert train.main(args) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(f"train_world.py: error: --work {work} is in use by another run")
+        assert f"pid {owner.pid}" in line and trained == []
+    finally:
+        owner.stdin.close()
+        owner.wait(timeout=30)
+    # That run has ended: the folders are free again, and a run owns both while it trains.
+    import os
+
+    def owns_its_folders(cfg):
+        for name in ("w", "work"):
+            assert (tmp_path / f".{name}.oneword.lock").read_text().strip() == str(os.getpid())
+        trained.append(cfg)
+        return {}
+
+    monkeypatch.setattr(train, "train_world", owns_its_folders)
+    assert train.main(args) == 0 and len(trained) == 1
+    assert not list(tmp_path.glob(".*.oneword.lock"))  # released at the end
