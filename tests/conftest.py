@@ -21,6 +21,19 @@ def root_script(name: str):
     return importlib.import_module(name)
 
 
+def error_lines(text: str) -> list[str]:
+    """A command's stderr as its non-blank lines, progress bars left out."""
+    text = text.replace("\r", "\n")
+    return [line for line in text.splitlines() if line.strip() and "%|" not in line]
+
+
+def error_line(capsys) -> str:
+    """The command's stderr, which must be exactly one line (progress bars aside)."""
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
 @pytest.fixture(scope="session")
 def tiny_sd1_dir(tmp_path_factory):
     """A tiny SD 1.x diffusers folder (one text encoder, width 32)."""

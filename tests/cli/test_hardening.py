@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import error_line, root_script
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -50,22 +50,6 @@ def _invert_args(model, images, out, *extra) -> list[str]:
         "--init", "dog", "--out", str(out), "--device", "cpu", "--quiet", "--no-samples",
         "--steps", "1", "--batch", "1", *extra,
     ]  # fmt: skip
-
-
-def _error_line(capsys) -> str:
-    """The command's stderr, which must be exactly one line (progress bars aside)."""
-    text = capsys.readouterr().err.replace("\r", "\n")
-    lines = [line for line in text.splitlines() if line.strip() and "%|" not in line]
-    assert len(lines) == 1, lines
-    return lines[0]
-
-
-def _train_encoder():
-    spec = importlib.util.spec_from_file_location("train_encoder", ROOT / "train_encoder.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_encoder"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def _encoder_file(path: Path, **overrides) -> Path:
@@ -106,13 +90,13 @@ def test_1_out_that_cannot_be_a_folder_fails_before_the_model_loads(tmp_path, ca
     for name, argv in commands.items():
         started = time.perf_counter()
         assert main(argv) == 2, name
-        line = _error_line(capsys)
+        line = error_line(capsys)
         assert str(blocker) in line and "file" in line, (name, line)
         assert time.perf_counter() - started < 10, name
-    train_encoder = _train_encoder()
+    train_encoder = root_script("train_encoder")
     argv = ["--preset", "tiny", "--model", MISSING_MODEL, "--out", str(blocker / "enc")]
     assert train_encoder.main(argv) == 2
-    assert str(blocker) in _error_line(capsys)
+    assert str(blocker) in error_line(capsys)
 
 
 # --- 2. two runs on one --out ---------------------------------------------------------------
@@ -139,7 +123,7 @@ def test_2_a_second_run_on_the_same_out_is_refused(tiny_sd1_dir, tmp_path, capsy
         argv2 = _invert_args(tiny_sd1_dir, images, out).copy()
         argv2[argv2.index("<t>")] = "<u>"
         assert main(argv2) == 2
-        line = _error_line(capsys)
+        line = error_line(capsys)
         assert str(out) in line and f"pid {first.pid}" in line
         assert not (out / "learned_embeds.safetensors").exists()
     finally:
@@ -160,7 +144,7 @@ def test_3_more_vectors_than_the_prompt_holds_are_refused(tiny_sd1_dir, tmp_path
         assert (
             main(_invert_args(tiny_sd1_dir, images, tmp_path / vectors, "--vectors", vectors)) == 2
         )
-        line = _error_line(capsys)
+        line = error_line(capsys)
         fit = int(line.split("at most ")[1].split()[0])
         assert 60 <= fit < 70 and f"--vectors {fit} or fewer" in line, line
     assert not (tmp_path / "70" / "learned_embeds.safetensors").exists()
@@ -175,10 +159,10 @@ def test_3_more_vectors_than_the_prompt_holds_are_refused(tiny_sd1_dir, tmp_path
         "--out", str(tmp_path / "grid.png"),
     ]  # fmt: skip
     assert main(argv) == 2
-    assert "cut off" in _error_line(capsys) and not (tmp_path / "grid.png").exists()
+    assert "cut off" in error_line(capsys) and not (tmp_path / "grid.png").exists()
     argv = _invert_args(tiny_sd1_dir, images, tmp_path / "warm", "--warm-start", str(wide))
     assert main(argv) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "fit" in line and "--vectors 100" not in line
 
 
@@ -200,7 +184,7 @@ def test_4_encoder_tensors_that_do_not_match_its_config(tmp_path, capsys):
         "--token", "<t>", "--out", str(tmp_path / "out"),
     ]  # fmt: skip
     assert main(argv) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert str(path) in line and name in line and "config" in line
 
 
@@ -216,13 +200,13 @@ def test_5_resume_refuses_other_images_templates_and_out_in_the_images(
     capsys.readouterr()
     other = _images(tmp_path / "other", seed=1)
     assert main(_invert_args(tiny_sd1_dir, other, out, "--steps", "2", "--resume")) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "images: 3 of 3 differ" in line
     templates = tmp_path / "templates.txt"
     templates.write_text("a drawing of {}\n")
     argv = _invert_args(tiny_sd1_dir, images, out, "--steps", "2", "--resume")
     assert main([*argv, "--templates", str(templates)]) == 2
-    assert "templates" in _error_line(capsys)
+    assert "templates" in error_line(capsys)
     log_before = (out / "log.json").read_text()
     assert main(argv) == 0  # the same run resumes
     assert json.loads((out / "log.json").read_text())["steps_done"] == 2 != log_before
@@ -237,7 +221,7 @@ def test_5_resume_refuses_other_images_templates_and_out_in_the_images(
          "--out", str(concepts / "run")],
     ):  # fmt: skip
         assert main(argv) == 2
-        assert "inside the images folder" in _error_line(capsys)
+        assert "inside the images folder" in error_line(capsys)
     assert sorted(p.name for p in images.iterdir()) == ["0.png", "1.png", "2.png"]
     assert sorted(p.name for p in concepts.iterdir()) == ["cup"]
 
@@ -260,7 +244,7 @@ def test_6_nonfinite_checkpoint_and_warm_start_rows_are_named(tiny_sd1_dir, tmp_
     save_file(tensors, str(state))
     capsys.readouterr()
     assert main(_invert_args(tiny_sd1_dir, images, out, "--steps", "3", "--resume")) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "step-000001" in line and "'<t>'" in line and "NaN" in line
     warm = TokenEmbedding("<w>", [torch.full((1, 32), float("inf"))])
     config = InversionConfig(steps=1, batch=1, quiet=True, samples=False)
@@ -290,7 +274,7 @@ def test_7_rows_far_longer_than_the_vocabulary_are_refused(tiny_sd1_dir, tmp_pat
         "--out", str(tmp_path / "grid.png"),
     ]  # fmt: skip
     assert main(argv) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert str(huge) in line and "100x the median norm" in line
     assert not (tmp_path / "grid.png").exists()
     normal = save_embedding(
@@ -319,7 +303,7 @@ def test_9_encoder_with_nan_weights_is_a_broken_encoder_file(tmp_path, capsys):
         "--token", "<t>", "--out", str(tmp_path / "out"),
     ]  # fmt: skip
     assert main(argv) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert f"encoder file {path} is broken" in line and "NaN" in line and "fp16" not in line
 
 
@@ -329,13 +313,13 @@ def test_9_encoder_with_nan_weights_is_a_broken_encoder_file(tmp_path, capsys):
 def test_10_image_limits_are_flags_of_the_commands_that_read_images(tiny_sd1_dir, tmp_path, capsys):
     images = _images(tmp_path / "images", n=2, size=12)
     assert main(_invert_args(tiny_sd1_dir, images, tmp_path / "a")) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "below the minimum side of 16" in line and "--min-side" in line
     assert main(_invert_args(tiny_sd1_dir, images, tmp_path / "b", "--min-side", "8")) == 0
     assert (tmp_path / "b" / "learned_embeds.safetensors").is_file()
     argv = _invert_args(tiny_sd1_dir, images, tmp_path / "c", "--max-pixels", "100")
     assert main(argv) == 2
-    assert "--max-pixels" in _error_line(capsys)
+    assert "--max-pixels" in error_line(capsys)
     # Later commands in the same process are back at the defaults.
     assert main(_invert_args(tiny_sd1_dir, images, tmp_path / "d")) == 2
 
@@ -373,7 +357,7 @@ def test_12_token_inside_a_template_word_is_refused(tiny_sd1_dir, tmp_path, caps
     argv = _invert_args(tiny_sd1_dir, images, tmp_path / "run")
     argv[argv.index("<t>")] = "phot"
     assert main(argv) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "'phot'" in line and "'photo'" in line
     assert not (tmp_path / "run" / "learned_embeds.safetensors").exists()
 
@@ -399,7 +383,7 @@ def test_13_one_line_for_pickles_export_warnings_and_broken_headers(tiny_sd1_dir
     with open(model / "text_encoder" / "pytorch_model.bin", "wb") as handle:
         pickle.dump({"weight": Evil()}, handle, protocol=2)
     assert main(["info", str(model)]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "text_encoder" in line and "weights_only" not in line and "likely succeed" not in line
     # SDXL to A1111's .pt name: once a raw UserWarning with a source line; now the name picks
     # the container (a weights-only pickle of clip_l/clip_g, which A1111 reads) and nothing
@@ -416,7 +400,7 @@ def test_13_one_line_for_pickles_export_warnings_and_broken_headers(tiny_sd1_dir
     data[:8] = (2**63 + 0x80).to_bytes(8, "little")  # starts with 0x80, like a pickle
     broken.write_bytes(bytes(data))
     assert main(["export", str(broken), "--to", "oneword", str(tmp_path / "y.safetensors")]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "broken safetensors file" in line and "not a readable pickle" not in line
 
 
@@ -432,7 +416,7 @@ def test_a_full_disk_keeps_the_old_file_and_says_so_in_one_line(tmp_path, monkey
 
     monkeypatch.setattr("oneword.io.fsync_path", full)
     assert main(["export", str(source), "--to", "oneword", str(target)]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert str(target) in line and "No space left on device" in line
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.safetensors", "t.safetensors"]

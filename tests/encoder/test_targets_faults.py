@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import root_script
+from conftest import error_lines, root_script
 
 from oneword.encoder.targets import (
     FactoryConfig,
@@ -69,11 +69,6 @@ def _finished(out: Path) -> dict[str, tuple[bytes, int]]:
     return {
         p.name.removesuffix(".safetensors"): (p.read_bytes(), p.stat().st_mtime_ns) for p in files
     }
-
-
-def _error_lines(text: str) -> list[str]:
-    text = text.replace("\r", "\n")
-    return [line for line in text.splitlines() if line.strip() and "%|" not in line]
 
 
 def _main(argv: list[str]) -> int:
@@ -204,7 +199,7 @@ def test_a_full_disk_part_way_ends_in_one_line_and_a_resume_completes(
 
     monkeypatch.setattr("oneword.io.fsync_path", fills_up)
     assert _main(_flags(tiny_world_dir, out)) == 2
-    (line,) = _error_lines(capsys.readouterr().err)
+    (line,) = error_lines(capsys.readouterr().err)
     failed = out / "targets" / f"{KEYS[2]}.safetensors"
     assert line.startswith(f"make_targets.py: error: cannot write {failed}: No space left")
     assert "free some space and run again" in line

@@ -5,7 +5,6 @@ and a full disk while writing a checkpoint (one line, nothing already written lo
 from __future__ import annotations
 
 import errno
-import importlib.util
 import json
 import os
 import shutil
@@ -17,25 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import error_line, root_script
 from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _error_line(capsys) -> str:
-    """The script's stderr, which must be exactly one line (progress bars aside)."""
-    text = capsys.readouterr().err.replace("\r", "\n")
-    lines = [line for line in text.splitlines() if line.strip() and "%|" not in line]
-    assert len(lines) == 1, lines
-    return lines[0]
-
-
-def _train_encoder():
-    spec = importlib.util.spec_from_file_location("train_encoder", ROOT / "train_encoder.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_encoder"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 # --- fault injection: encoder training -------------------------------------------------------
@@ -47,7 +31,7 @@ def test_train_encoder_survives_sigkill_a_corrupt_checkpoint_and_a_full_disk(
 ):
     from oneword.inversion import checkpoint as ckpt
 
-    train_encoder = _train_encoder()
+    train_encoder = root_script("train_encoder")
     out = tmp_path / "enc"
     common = ["--preset", "tiny", "--model", str(tiny_world_dir), "--out", str(out), "--quiet"]
     common += ["--checkpoint-every", "2", "--val-every", "1000"]
@@ -94,7 +78,7 @@ def test_train_encoder_survives_sigkill_a_corrupt_checkpoint_and_a_full_disk(
     tensors[name] = torch.full_like(tensors[name], float("nan"))
     save_file(tensors, str(latest / "state.safetensors"))
     assert train_encoder.main([*common, "--steps", str(done + 4), "--resume"]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert latest.name in line and name in line and "NaN" in line
     # 4. The disk fills up while the next checkpoint is written: one line, nothing lost.
     shutil.rmtree(latest)
