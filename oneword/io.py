@@ -123,9 +123,12 @@ class OutDirLock:
     def __init__(self, folder: Path, lock_file: Path, descriptor: int, key: str = ""):
         self.folder, self.lock_file = folder, lock_file
         self._descriptor, self._key = descriptor, key
+        self._depth = 1  # a command that calls another takes the same lock again
 
-    def release(self) -> None:
-        if self._descriptor is not None:
+    def release(self, *, force: bool = False) -> None:
+        """Release one hold; the lock goes when the last hold is released (or `force`)."""
+        self._depth = 0 if force else self._depth - 1
+        if self._depth <= 0 and self._descriptor is not None:
             import fcntl
 
             with contextlib.suppress(OSError):
@@ -144,7 +147,7 @@ class OutDirLock:
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # at interpreter exit the modules may be gone
-            self.release()
+            self.release(force=True)  # nobody refers to it any more
 
 
 _HELD: dict = {}  # folder -> weakref to this process's OutDirLock (re-entrant within a process)
@@ -213,8 +216,10 @@ def prepare_out_dir(
         return None
     key = f"{folder}#{rank}"
     held = _HELD.get(key)
-    if held is not None and held() is not None:
-        return held()  # this process owns it already (a command calling another)
+    owner = held() if held is not None else None
+    if owner is not None and owner._descriptor is not None:
+        owner._depth += 1  # this process owns it already (a command calling another)
+        return owner
     name = (
         f".{folder.name}{LOCK_SUFFIX}" if rank == 0 else f".{folder.name}.rank{rank}{LOCK_SUFFIX}"
     )

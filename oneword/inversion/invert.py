@@ -17,6 +17,7 @@ state is checkpointed, so a resumed run is bitwise equal to an uninterrupted one
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -1008,55 +1009,58 @@ def invert(
     if resume and out is None:
         raise OnewordError("--resume needs the --out folder of the run to continue")
     checkpoints = out / "checkpoints" if out is not None else None
-    if out is not None:
-        from ..io import prepare_out_dir
+    # Released when the run ends, however it ends: a caller that keeps the exception (a web
+    # page) would otherwise keep the frame, and the lock, alive.
+    with contextlib.ExitStack() as owned:
+        if out is not None:
+            from ..io import prepare_out_dir
 
-        check_out_not_in_images(out, images)
-        owned = prepare_out_dir(out)  # noqa: F841 (held until this function returns)
-        _check_out_dir(checkpoints, resume)
-        if resume:
-            ckpt.latest_checkpoint(checkpoints)  # fail before any work if there is none
-    templates = load_templates(config.templates)
-    check_prompts(model, token, config, templates, class_word)
-    warm_rows, source = _warm_rows(warm_start, config, model, templates, class_word)
-    clip = _load_clip(model, config)
-    spec = ConceptSpec("concept", images, token, init_text, class_word)
-    concept = _prepare(model, spec, config, templates, clip, warm_rows, source)
+            check_out_not_in_images(out, images)
+            owned.enter_context(prepare_out_dir(out))
+            _check_out_dir(checkpoints, resume)
+            if resume:
+                ckpt.latest_checkpoint(checkpoints)  # fail before any work if there is none
+        templates = load_templates(config.templates)
+        check_prompts(model, token, config, templates, class_word)
+        warm_rows, source = _warm_rows(warm_start, config, model, templates, class_word)
+        clip = _load_clip(model, config)
+        spec = ConceptSpec("concept", images, token, init_text, class_word)
+        concept = _prepare(model, spec, config, templates, clip, warm_rows, source)
 
-    wanted_rows: dict[int, tuple | None] = dict.fromkeys(wanted)
-    run = _train(
-        model,
-        [concept],
-        config,
-        checkpoint_dir=checkpoints,
-        resume=resume,
-        clip=clip,
-        snapshots=wanted_rows if wanted else None,
-        progress=progress,
-    )
-    # A run that stopped early keeps its final rows at the later snapshot steps; steps
-    # before a resumed run's start were not seen by this process and are left out.
-    finished = time.perf_counter()
-    taken = {}
-    for step, value in wanted_rows.items():
-        if value is None and step > run["steps_done"]:
-            value = ([leaf.detach().cpu().clone() for leaf in concept.leaves], finished)
-        if value is not None:
-            taken[step] = (value[0], value[1] - started)
-
-    data = _concept_log(model, concept, config, run)
-    files = {}
-    if out is not None:
-        files["embedding"] = _save_embedding(
-            out / "learned_embeds.safetensors", model, concept, config, run["steps_done"]
+        wanted_rows: dict[int, tuple | None] = dict.fromkeys(wanted)
+        run = _train(
+            model,
+            [concept],
+            config,
+            checkpoint_dir=checkpoints,
+            resume=resume,
+            clip=clip,
+            snapshots=wanted_rows if wanted else None,
+            progress=progress,
         )
-        if config.samples:
-            files["samples"] = _save_samples(out / "samples.png", model, concept, config)
-        files["log"] = out / "log.json"
-        data["files"] = {name: str(path) for name, path in files.items()}
-        _write_json(out / "log.json", data)
-    vectors = [leaf.detach().cpu().clone() for leaf in concept.leaves]
-    return InversionResult(token, concept.placeholder, vectors, data, files, taken)
+        # A run that stopped early keeps its final rows at the later snapshot steps; steps
+        # before a resumed run's start were not seen by this process and are left out.
+        finished = time.perf_counter()
+        taken = {}
+        for step, value in wanted_rows.items():
+            if value is None and step > run["steps_done"]:
+                value = ([leaf.detach().cpu().clone() for leaf in concept.leaves], finished)
+            if value is not None:
+                taken[step] = (value[0], value[1] - started)
+
+        data = _concept_log(model, concept, config, run)
+        files = {}
+        if out is not None:
+            files["embedding"] = _save_embedding(
+                out / "learned_embeds.safetensors", model, concept, config, run["steps_done"]
+            )
+            if config.samples:
+                files["samples"] = _save_samples(out / "samples.png", model, concept, config)
+            files["log"] = out / "log.json"
+            data["files"] = {name: str(path) for name, path in files.items()}
+            _write_json(out / "log.json", data)
+        vectors = [leaf.detach().cpu().clone() for leaf in concept.leaves]
+        return InversionResult(token, concept.placeholder, vectors, data, files, taken)
 
 
 def _folder_name(name: str) -> str:
@@ -1112,53 +1116,56 @@ def invert_many(
 
     for spec in concepts:
         check_out_not_in_images(out, spec.images)
-    owned = prepare_out_dir(out, rank=rank)  # noqa: F841 (held until this function returns)
-    mine = list(concepts)[rank::world_size]
-    templates = load_templates(config.templates)
-    clip = _load_clip(model, config)
-    done_any = False
-    results = {}
-    for index in range(0, len(mine), chunk):
-        specs = mine[index : index + chunk]
-        checkpoints = (
-            out / "checkpoints" / f"shard-{rank}-of-{world_size}" / f"chunk-{index // chunk:05d}"
-        )
-        finished = all((out / _folder_name(s.name) / "log.json").is_file() for s in specs)
-        if resume and finished:
-            done_any = True
-            for spec in specs:
-                results[spec.name] = json.loads(
-                    (out / _folder_name(spec.name) / "log.json").read_text()
+    with prepare_out_dir(out, rank=rank):  # released when the run ends, however it ends
+        mine = list(concepts)[rank::world_size]
+        templates = load_templates(config.templates)
+        clip = _load_clip(model, config)
+        done_any = False
+        results = {}
+        for index in range(0, len(mine), chunk):
+            specs = mine[index : index + chunk]
+            checkpoints = (
+                out
+                / "checkpoints"
+                / f"shard-{rank}-of-{world_size}"
+                / f"chunk-{index // chunk:05d}"
+            )
+            finished = all((out / _folder_name(s.name) / "log.json").is_file() for s in specs)
+            if resume and finished:
+                done_any = True
+                for spec in specs:
+                    results[spec.name] = json.loads(
+                        (out / _folder_name(spec.name) / "log.json").read_text()
+                    )
+                continue
+            resume_chunk = resume and bool(ckpt.list_checkpoints(checkpoints))
+            done_any = done_any or resume_chunk
+            if resume and not resume_chunk and not done_any:
+                raise OnewordError(
+                    f"--resume: nothing to resume in {out} (no finished concept, no checkpoint under "
+                    f"{out / 'checkpoints'}); run without --resume to start"
                 )
-            continue
-        resume_chunk = resume and bool(ckpt.list_checkpoints(checkpoints))
-        done_any = done_any or resume_chunk
-        if resume and not resume_chunk and not done_any:
-            raise OnewordError(
-                f"--resume: nothing to resume in {out} (no finished concept, no checkpoint under "
-                f"{out / 'checkpoints'}); run without --resume to start"
+            _check_out_dir(checkpoints, resume_chunk)
+            chunk_concepts = [_prepare(model, s, config, templates, clip) for s in specs]
+            run = _train(
+                model,
+                chunk_concepts,
+                config,
+                checkpoint_dir=checkpoints,
+                resume=resume_chunk,
+                clip=clip,
             )
-        _check_out_dir(checkpoints, resume_chunk)
-        chunk_concepts = [_prepare(model, s, config, templates, clip) for s in specs]
-        run = _train(
-            model,
-            chunk_concepts,
-            config,
-            checkpoint_dir=checkpoints,
-            resume=resume_chunk,
-            clip=clip,
-        )
-        for spec, concept in zip(specs, chunk_concepts):
-            folder = out / _folder_name(spec.name)
-            data = _concept_log(model, concept, config, run)
-            data["name"] = spec.name
-            data["concepts_per_batch"] = len(specs)
-            _save_embedding(
-                folder / "learned_embeds.safetensors", model, concept, config, run["steps_done"]
-            )
-            _write_json(folder / "log.json", data)
-            results[spec.name] = data
-    return results
+            for spec, concept in zip(specs, chunk_concepts):
+                folder = out / _folder_name(spec.name)
+                data = _concept_log(model, concept, config, run)
+                data["name"] = spec.name
+                data["concepts_per_batch"] = len(specs)
+                _save_embedding(
+                    folder / "learned_embeds.safetensors", model, concept, config, run["steps_done"]
+                )
+                _write_json(folder / "log.json", data)
+                results[spec.name] = data
+        return results
 
 
 def invert_together(

@@ -63,3 +63,19 @@ def test_a_second_owner_is_refused_while_the_first_holds_it(tmp_path):
     out.write_text("x")
     with pytest.raises(OnewordError, match="is a file"):
         prepare_out_dir(out)
+
+
+def test_a_nested_hold_leaves_the_outer_owner_holding_the_lock(tmp_path):
+    # A command owns --out, then calls a library function that owns it again and releases it
+    # on return: the command must still own the folder afterwards.
+    import fcntl
+
+    outer = prepare_out_dir(tmp_path / "run")
+    with prepare_out_dir(tmp_path / "run") as inner:
+        assert inner is outer
+    descriptor = os.open(outer.lock_file, os.O_RDWR)
+    with pytest.raises(OSError):
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(descriptor)
+    outer.release()
+    assert not outer.lock_file.exists()

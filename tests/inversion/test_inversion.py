@@ -193,6 +193,15 @@ def test_resume_without_a_checkpoint_is_an_error(sd1, tmp_path):
         invert(sd1, _images(), "<u>", "dog", _config(), tmp_path / "bad", resume=True)
 
 
+def test_a_failed_run_releases_its_folder_while_its_error_is_still_held(sd1, tmp_path):
+    # The web page keeps a job's exception (and so the frame that took the lock) after the
+    # error is shown; the lock must go when the run ends, not when the frame is collected.
+    with pytest.raises(OnewordError, match="already exists") as caught:
+        invert(sd1, _images(), "dog", "dog", _config(), tmp_path / "out")
+    assert caught.value.__traceback__ is not None
+    assert not list(tmp_path.glob("*.oneword.lock"))
+
+
 def test_starting_over_an_old_run_is_an_error(tiny_sd1_dir, tmp_path):
     invert(
         load_model(tiny_sd1_dir, device="cpu"), _images(), "<t>", "dog", _config(steps=1), tmp_path
