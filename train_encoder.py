@@ -109,6 +109,7 @@ from oneword.inversion.templates import fill, load_templates
 from oneword.io import prepare_out_dir
 from oneword.models import DEFAULT_MODEL
 from oneword.prompts import encode_prompts
+from oneword.provenance import checkpoint_digest, code_version
 from oneword.tokens import add_placeholder, expand_prompt, set_rows
 
 
@@ -851,6 +852,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             "config": asdict(cfg),
             "encoder": asdict(encoder_config),
             "model": model.describe(),
+            "model_sha256": checkpoint_digest(cfg.model),
+            "commit": code_version(),  # "+dirty": tracked files differed from the commit
             "world_size": world_size,
             "mixed_precision": mixed,
             "resumed_from": resumed_from,

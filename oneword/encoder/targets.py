@@ -46,6 +46,7 @@ import torch
 
 from ..datasets import world
 from ..errors import OnewordError
+from ..provenance import checkpoint_digest, code_version
 
 TARGET_FORMAT = "oneword-target/1"
 TABLE_FORMAT = "oneword-targets/1"
@@ -393,7 +394,8 @@ def run_factory(
     manifest = _JsonLines(out / "manifest" / f"rank-{rank}.jsonl")
     log.write({"event": "start", "rank": rank, "world_size": world_size, "settings": settings,
                "targets": len(specs), "chunks": len(chunks), "my_chunks": len(mine),
-               "batch_concepts": config.batch_concepts, "resume": resume})  # fmt: skip
+               "batch_concepts": config.batch_concepts, "resume": resume,
+               "commit": code_version(), "model_sha256": checkpoint_digest(model.source)})  # fmt: skip
 
     # 1. What is left: every target of this share without a valid file.
     todo, skipped, redone = [], [], []

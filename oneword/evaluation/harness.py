@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -30,6 +29,7 @@ from PIL import Image
 
 from ..errors import OnewordError
 from ..io import atomic_path, atomic_write_text
+from ..provenance import checkpoint_digest, code_version
 from .methods import (  # noqa: F401  (re-exported: the harness's API)
     ARG_CHECKS,
     METHODS,
@@ -190,20 +190,14 @@ def _file_name(label: str) -> str:
     return re.sub(r"[^\w+.-]+", "-", label)
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None
+def _uses_encoder(config) -> bool:
+    return any(str(method).startswith("encoder") for method in config.methods)
+
+
+def _encoder_file(config) -> str:
+    from ..encoder.encode import DEFAULT_ENCODER
+
+    return config.encoder or DEFAULT_ENCODER
 
 
 def _mean(values: Sequence) -> float | None:
@@ -561,7 +555,11 @@ def evaluate(
         "oracle": oracle is not None and any(c.attributes for c in concepts),
         "clip": scorers.clip.name if scorers.clip else None,
         "dino": scorers.dino.name if scorers.dino else None,
-        "commit": _git_commit(),
+        "commit": code_version(),  # "+dirty": tracked files differed from the commit
+        "checkpoints": {
+            "model": checkpoint_digest(model.source),
+            "encoder": checkpoint_digest(_encoder_file(config)) if _uses_encoder(config) else None,
+        },
         "date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
         "oneword_version": __version__,
         "torch_version": torch.__version__,

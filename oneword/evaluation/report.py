@@ -36,6 +36,11 @@ _COLUMNS = (
 )
 
 
+def _checkpoint_lines(digests: dict) -> list[str]:
+    named = [f"{name} `{digest[:16]}`" for name, digest in digests.items() if digest]
+    return [f"- checkpoints (SHA-256, first 16 hex): {', '.join(named)}"] if named else []
+
+
 def _format(value, kind: str) -> str:
     if value is None:
         return "–"
@@ -62,6 +67,7 @@ def format_table(results: dict) -> str:
         f"- scorers: oracle {'yes' if results.get('oracle') else 'no'}, "
         f"CLIP {results.get('clip') or '–'}, DINO {results.get('dino') or '–'}",
         f"- commit {results.get('commit') or 'unknown'}, {results.get('date')}",
+        *_checkpoint_lines(results.get("checkpoints") or {}),
         "",
         "| method | " + " | ".join(title for _, title, _ in _COLUMNS) + " |",
         "|---|" + "---:|" * len(_COLUMNS),

@@ -155,6 +155,8 @@ def test_make_targets_script(tiny_world_dir, tmp_path, capsys):
     assert make_targets.main(args) == 0
     assert "2 learned" in capsys.readouterr().out
     assert len(load_targets(tmp_path / "f")) == 2
+    start = json.loads((tmp_path / "f" / "log" / "rank-0.jsonl").read_text().splitlines()[0])
+    assert len(start["model_sha256"]) == 64 and start["commit"]  # what it ran on
     assert make_targets.main(args) == 2  # exists: needs --resume
     assert "--resume" in capsys.readouterr().err
     assert make_targets.main(args + ["--resume"]) == 0

@@ -298,6 +298,9 @@ def test_eval_on_the_tiny_world_writes_the_report_and_is_deterministic(
         assert key in results
     assert results["device"] == "cpu" and results["samples"] == 1 and results["oracle"] is True
     assert results["clip"] == "world" and results["dino"] is None
+    assert len(results["checkpoints"]["model"]) == 64  # the weights it ran on, SHA-256
+    assert results["checkpoints"]["encoder"] is None  # no encoder method ran
+    assert "- checkpoints (SHA-256" in (tmp_path / "a" / "results.md").read_text()
     assert list(results["methods"]) == ["classword", "classic:2"]
     for label, method in results["methods"].items():
         for key in (

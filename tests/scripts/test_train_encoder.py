@@ -56,6 +56,7 @@ def test_tiny_run_writes_the_encoder_checkpoints_log_and_grid(tiny_world_dir, tm
     # 3. The log: config, the loader's own throughput, training and validation records.
     start = _records(out, "start")[0]
     assert start["config"]["steps"] == 4 and start["encoder"]["widths"] == [32]
+    assert len(start["model_sha256"]) == 64 and start["commit"]  # what it ran on
     loader = _records(out, "loader")[0]
     assert loader["loader_images_per_s"] > 0
     train = _records(out, "train")
