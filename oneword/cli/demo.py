@@ -15,8 +15,6 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
 from ..errors import OnewordError
 
 DEMO_STEPS = 150  # short: the point is to see it work end to end in a few minutes
@@ -34,26 +32,9 @@ def _concept(name: str | None):
     raise OnewordError(f"no held-out concept named {name!r}; choose one of: {names}")
 
 
-def write_concept_images(
-    identity, folder: Path, *, count: int = 5, seed: int = 0, resolution: int = 64
-) -> list[Path]:
-    """Render `count` varied scenes of `identity` as PNG files in `folder`."""
-    from ..datasets import world
-    from ..images import tensor_to_images
-
-    scenes = world.concept_scenes(identity, count, torch.Generator().manual_seed(seed))
-    pixels = world.render(scenes, resolution)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for index, image in enumerate(tensor_to_images(pixels.float() / 127.5 - 1)):
-        path = folder / f"{index:02d}.png"
-        image.save(path)
-        paths.append(path)
-    return paths
-
-
 def run_demo(args) -> int:
     from ..datasets import world
+    from ..datasets.suite import write_concept_images
     from ..encoder.encode import DEFAULT_ENCODER
     from ..images import load_images, save_grid
     from ..inversion import InversionConfig, invert

@@ -294,6 +294,24 @@ def concept_image_set(
     return scenes, render(scenes, resolution)
 
 
+def write_concept_images(
+    identity: Identity, folder: Path, *, count: int = 5, seed: int = 0, resolution: int = 64
+) -> list[Path]:
+    """Render `count` varied scenes of `identity` as PNG files `folder/NN.png` (the demo's and
+    the web page's example images)."""
+    from ..images import tensor_to_images
+
+    scenes = concept_scenes(identity, count, torch.Generator().manual_seed(seed))
+    pixels = render(scenes, resolution)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, image in enumerate(tensor_to_images(pixels.float() / 127.5 - 1)):
+        path = folder / f"{index:02d}.png"
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
 def write_world_suite(
     out_dir: str | os.PathLike,
     *,

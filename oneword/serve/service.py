@@ -333,8 +333,8 @@ class Service:
 
     def concept_images(self, name: str) -> list[Path]:
         """The images of a held-out world concept (5 scenes, rendered once, shared)."""
-        from ..cli.demo import write_concept_images
         from ..datasets import world
+        from ..datasets.suite import write_concept_images
         from ..io import atomic_dir
 
         if name not in {identity.name for identity in world.HELD_OUT}:

@@ -35,7 +35,7 @@ FAST = dict(check="loss", check_draws=4, samples=False, quiet=True)
 @pytest.fixture(scope="module")
 def concept_images(tmp_path_factory) -> Path:
     """Three images of a held-out world concept (class word "circle") in a folder."""
-    from oneword.cli.demo import write_concept_images
+    from oneword.datasets.suite import write_concept_images
 
     folder = tmp_path_factory.mktemp("concept") / "images"
     write_concept_images(HELD_OUT[0], folder, count=3)

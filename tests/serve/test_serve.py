@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> list[Path]:
-    from oneword.cli.demo import write_concept_images
+    from oneword.datasets.suite import write_concept_images
     from oneword.datasets.world import HELD_OUT
 
     return write_concept_images(HELD_OUT[0], tmp_path_factory.mktemp("images"), count=3)

@@ -53,7 +53,7 @@ def server(tiny_sd1_dir, tmp_path_factory, browser):
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> list[Path]:
     """Three images of a held-out world concept."""
-    from oneword.cli.demo import write_concept_images
+    from oneword.datasets.suite import write_concept_images
     from oneword.datasets.world import HELD_OUT
 
     return write_concept_images(HELD_OUT[0], tmp_path_factory.mktemp("images"), count=3)
