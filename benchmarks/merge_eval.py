@@ -8,6 +8,11 @@ two checks. Runs that differ in suite, concepts, seed, samples, steps or guidanc
 
     python benchmarks/merge_eval.py runs/eval-merged runs/eval-classic runs/eval-encoder
 
+A run given as FOLDER=TAG has its labels prefixed ("TAG/encoder"), so runs of the same
+methods with different encoders (the ablation arms) share one table:
+
+    python benchmarks/merge_eval.py runs/eval-arms runs/eval-a=regress runs/eval-b=shipped
+
 With --pool, runs over disjoint sets of the suite's concepts are joined: the runs are
 grouped by concept set, each group is merged as above, and every method present in every
 group gets its per-concept rows pooled and its means recomputed over all of them (e.g. the
@@ -37,8 +42,9 @@ if str(REPO) not in sys.path:  # run as a plain script from anywhere
 SAME = ("suite", "concepts", "seed", "samples", "steps", "guidance", "model")
 
 
-def merge(runs: list[Path]) -> tuple[dict, dict[str, Path]]:
-    """Merged results and, per method, the grid file it came with (if any)."""
+def merge(runs: list[Path], tags: dict[Path, str] | None = None) -> tuple[dict, dict[str, Path]]:
+    """Merged results and, per method, the grid file it came with (if any). `tags`: per run,
+    a prefix for its labels ("TAG/label")."""
     from oneword.errors import OnewordError
 
     merged: dict | None = None
@@ -55,6 +61,7 @@ def merge(runs: list[Path]) -> tuple[dict, dict[str, Path]]:
             )
         check = results.get("config", {}).get("check") or "loss"
         for label, method in results["methods"].items():
+            label = f"{tags[run]}/{label}" if tags and tags.get(run) else label
             method = dict(method)
             method["source"] = {
                 "run": str(run),
@@ -98,7 +105,9 @@ def _read(run: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def pool(runs: list[Path]) -> tuple[dict, dict[str, Path], list[str]]:
+def pool(
+    runs: list[Path], tags: dict[Path, str] | None = None
+) -> tuple[dict, dict[str, Path], list[str]]:
     """Merge runs per concept set, then pool the methods every set has.
 
     Returns the pooled results, per method the grid of its first group, and the methods
@@ -119,7 +128,7 @@ def pool(runs: list[Path]) -> tuple[dict, dict[str, Path], list[str]]:
                 "two of them (merge runs over the same concepts without --pool)"
             )
         seen |= set(concepts)
-    merged = [merge(group) for group in groups.values()]
+    merged = [merge(group, tags) for group in groups.values()]
     first, grids = merged[0][0], merged[0][1]
     for other, _ in merged[1:]:
         key = _first_difference(other, first, [k for k in SAME if k != "concepts"])
@@ -162,16 +171,23 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="folder for the merged report")
-    parser.add_argument("runs", type=Path, nargs="+", help="oneword eval output folders")
+    parser.add_argument(
+        "runs", nargs="+", help="oneword eval output folders, each optionally FOLDER=TAG"
+    )
     parser.add_argument(
         "--pool", action="store_true", help="join runs over disjoint concept sets (see above)"
     )
     args = parser.parse_args(argv)
+    runs, tags = [], {}
+    for spec in args.runs:
+        folder, _, tag = spec.rpartition("=") if "=" in spec else (spec, "", "")
+        runs.append(Path(folder))
+        tags[Path(folder)] = tag
     left_out: list[str] = []
     if args.pool:
-        merged, grids, left_out = pool(args.runs)
+        merged, grids, left_out = pool(runs, tags)
     else:
-        merged, grids = merge(args.runs)
+        merged, grids = merge(runs, tags)
     args.out.mkdir(parents=True, exist_ok=True)
     for label, grid in grids.items():
         if grid.is_file():

@@ -703,6 +703,10 @@ def test_merge_eval_replaces_methods_run_by_run_and_refuses_other_settings(tmp_p
         merge([old, run("other", "clip", {"encoder": 0.1}, seed=1)])
     with pytest.raises(OnewordError, match="concepts is"):  # other concepts: other averages
         merge([old, run("later", "clip", {"encoder": 0.1}, concepts=("c", "d"))])
+    # Tagged runs keep their rows apart: two encoders' arms in one table.
+    tagged, _ = merge([old, new], {old: "a", new: "b"})
+    assert list(tagged["methods"]) == ["a/classic:50", "a/encoder", "b/encoder"]
+    assert tagged["methods"]["a/encoder"]["identity"] == 0.2
 
 
 def test_merge_eval_pools_disjoint_concept_sets_and_recomputes_the_means(tmp_path):
