@@ -8,16 +8,16 @@ recorded in OUT/manifest/rank-R.jsonl; a restart with --resume skips finished ta
 learns again any corrupt or partial file (named in OUT/log/rank-R.jsonl and on stderr), and
 says how many targets it keeps and which ones a killed run was learning when it stopped.
 When every target is done, OUT/targets.safetensors holds the table that
-`train_encoder.py --targets OUT` reads.
+`train_encoder.py --target-table OUT` reads.
 
 Sharding: under `accelerate launch` or `torchrun` each process takes every world_size-th
 UNet batch of targets (a disjoint share by index); the targets are the same, bit for bit
 on the CPU, whatever the number of processes, because a target is always learned in the
 same UNet batch.
 
---steps defaults to 150, a placeholder until classic's plateau is measured on the
-validation split (docs/encoder-plan.md). Throughput and the time for the whole set:
-benchmarks/bench_targets.py.
+--steps defaults to 100, where classic's identity was best on validation concepts 1-12
+(docs/encoder-plan.md, step 2). Throughput and the time for the whole set:
+benchmarks/bench_targets.py and the factory's own log (OUT/log/rank-R.jsonl).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ FLAG_FIELDS = ("steps", "identities", "image_sets", "images", "batch_concepts", 
 FLAG_OVERRIDES = {
     "steps": {
         "help": "classic inversion steps per target: classic's plateau on the validation split "
-        f"(default {PLATEAU_STEPS}, not yet measured; see docs/encoder-plan.md)"
+        f"(default {PLATEAU_STEPS}: validation concepts 1-12; see docs/encoder-plan.md)"
     },
     "identities": {
         "type": int,

@@ -52,9 +52,10 @@ TARGET_FORMAT = "oneword-target/1"
 TABLE_FORMAT = "oneword-targets/1"
 TABLE_NAME = "targets.safetensors"
 # Classic inversion's step count for the targets: where classic's validation identity reaches
-# its plateau. NOT MEASURED YET on the validation split: 150 is the top of the 50-150 steps
-# range where classic was near its best on the test concepts (docs/encoder-plan.md, step 2).
-PLATEAU_STEPS = 150
+# its plateau. Validation concepts 1-12, 2 samples per prompt: 41.7% identity at 100 steps, the
+# best of 10-300 (150: 37.5%, 300: 16.7%); to confirm on all 24 at 4 samples
+# (docs/encoder-plan.md, step 2). The factory in runs/targets uses it.
+PLATEAU_STEPS = 100
 # Settings that decide a target's values; a restart must share them with the run it continues.
 RESUME_KEYS = ("steps", "images", "seed", "lr", "batch", "vectors", "templates", "model")
 # Placeholder words stay in the model after their batch: each target gets a word never used.
