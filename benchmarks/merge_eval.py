@@ -92,8 +92,11 @@ def _first_difference(a: dict, b: dict, keys) -> str | None:
 
 
 def _short(commit) -> str:
-    """Abbreviated commit(s): "abc1234" or "abc1234 + def5678" for pooled rows."""
-    return " + ".join(part[:7] for part in str(commit).split(" + "))
+    """Abbreviated commit(s): "abc1234", "abc1234+dirty", "abc1234 + def5678" for pooled rows."""
+    return " + ".join(
+        part[:7] + ("+dirty" if part.endswith("+dirty") else "")
+        for part in str(commit).split(" + ")
+    )
 
 
 def _read(run: Path) -> dict:

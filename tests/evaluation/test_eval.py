@@ -707,6 +707,7 @@ def test_merge_eval_replaces_methods_run_by_run_and_refuses_other_settings(tmp_p
     tagged, _ = merge([old, new], {old: "a", new: "b"})
     assert list(tagged["methods"]) == ["a/classic:50", "a/encoder", "b/encoder"]
     assert tagged["methods"]["a/encoder"]["identity"] == 0.2
+    assert _merge_module()._short("a" * 40 + "+dirty + " + "b" * 40) == "aaaaaaa+dirty + bbbbbbb"
 
 
 def test_merge_eval_pools_disjoint_concept_sets_and_recomputes_the_means(tmp_path):
