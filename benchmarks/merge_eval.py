@@ -194,10 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for label, grid in grids.items():
         if grid.is_file():
-            target = args.out / "grids" / grid.name
+            tag = label.partition("/")[0] + "-" if "/" in label else ""  # tagged runs: no clash
+            target = args.out / "grids" / f"{tag}{grid.name}"
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(grid, target)
-            merged["methods"][label]["grid"] = f"grids/{grid.name}"
+            merged["methods"][label]["grid"] = f"grids/{target.name}"
     atomic_write_text(args.out / "results.json", json.dumps(merged, indent=1))
     written = write_report(merged, args.out)
     sources = ["", "Sources (`benchmarks/merge_eval.py`):", ""]
