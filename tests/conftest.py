@@ -34,6 +34,23 @@ def error_line(capsys) -> str:
     return lines[0]
 
 
+def noise_images(n: int = 3, seed: int = 0, size: int = 32):
+    """`n` random RGB PIL images (size x size): concept images for the tiny models."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")) for _ in range(n)]
+
+
+def quick_inversion_config(**overrides):
+    """A tiny InversionConfig: a few steps, no sample grid, no progress bar."""
+    from oneword.inversion import InversionConfig
+
+    values = {"steps": 4, "batch": 2, "lr": 0.05, "quiet": True, "samples": False}
+    return InversionConfig(**(values | overrides))
+
+
 @pytest.fixture(scope="session")
 def tiny_sd1_dir(tmp_path_factory):
     """A tiny SD 1.x diffusers folder (one text encoder, width 32)."""

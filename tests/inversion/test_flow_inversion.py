@@ -8,11 +8,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import noise_images as _images
+from conftest import quick_inversion_config as _config
 from safetensors.torch import load_file
 
 from oneword.errors import OnewordError
-from oneword.inversion import InversionConfig, invert
+from oneword.inversion import invert
 from oneword.inversion.objective import (
     denoising_loss,
     draw_timesteps,
@@ -26,16 +27,6 @@ from oneword.models import load_model
 from oneword.tokens import add_placeholder, get_rows, placeholder_embedding, trainable_rows
 
 FLOW = ("sd3", "flux")
-
-
-def _images(n: int = 3, seed: int = 0, size: int = 32) -> list[Image.Image]:
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")) for _ in range(n)]
-
-
-def _config(**overrides) -> InversionConfig:
-    values = {"steps": 4, "batch": 2, "lr": 0.05, "quiet": True, "samples": False}
-    return InversionConfig(**(values | overrides))
 
 
 def _model(request, family):

@@ -16,12 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import noise_images as _images
+from conftest import quick_inversion_config as _config
 from PIL import Image
 from safetensors.torch import load_file
 
 from oneword.cli.invert import load_concepts, main, resolve_config
 from oneword.errors import OnewordError
-from oneword.inversion import ConceptSpec, InversionConfig, invert, invert_many, load_templates
+from oneword.inversion import ConceptSpec, invert, invert_many, load_templates
 from oneword.inversion import checkpoint as ckpt
 from oneword.inversion.templates import fill
 from oneword.models import load_model
@@ -30,17 +32,6 @@ from oneword.tokens import add_placeholder, get_rows
 REPO = Path(__file__).resolve().parents[2]
 # The module, not the function `oneword.inversion.invert` that the package re-exports.
 invert_module = importlib.import_module("oneword.inversion.invert")
-
-
-def _images(n: int = 3, seed: int = 0, size: int = 32) -> list[Image.Image]:
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")) for _ in range(n)]
-
-
-def _config(**overrides) -> InversionConfig:
-    """A tiny preset: a few steps, no sample grid, no progress bar."""
-    values = {"steps": 4, "batch": 2, "lr": 0.05, "quiet": True, "samples": False}
-    return InversionConfig(**(values | overrides))
 
 
 def _text_sensitive(model, scale: float = 200.0):

@@ -209,33 +209,20 @@ def test_sdxl_model_with_a_transformers_tower_and_a_given_val_suite(
 
 
 @pytest.mark.slow
-def test_flux_encoder_predicts_clip_l_and_t5_rows(tiny_flux_dir, tmp_path):
+def test_flux_encoder_predicts_clip_l_and_t5_rows(tiny_flux_dir, tiny_clip_vision_dir, tmp_path):
     """One output head per text encoder width: the encoder trains on FLUX (CLIP-L 32, T5 64)
     and `oneword encode` writes a clip_l + t5 file that FLUX's loaders read."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
     from oneword.cli import main as oneword_main
     from oneword.datasets.suite import write_world_suite
     from oneword.datasets.world import training_identities
     from oneword.embeddings import load_embedding
     from oneword.encoder.model import load_encoder
 
-    torch.manual_seed(0)
-    tower_config = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-        projection_dim=24,
-    )
-    CLIPVisionModelWithProjection(tower_config).save_pretrained(tmp_path / "tower")
     suite = write_world_suite(
         tmp_path / "suite", images_per_concept=3, identities=training_identities()[:2]
     )
     out = tmp_path / "run"
-    extra = ["--tower", f"transformers:{tmp_path / 'tower'}", "--data", f"folders:{suite}"]
+    extra = ["--tower", f"transformers:{tiny_clip_vision_dir}", "--data", f"folders:{suite}"]
     extra += ["--val-suite", str(suite), "--steps", "2"]
     assert _run(tiny_flux_dir, out, *extra) == 0
     encoder = load_encoder(out / "encoder.safetensors")
