@@ -169,22 +169,32 @@ def test_3_more_vectors_than_the_prompt_holds_are_refused(tiny_sd1_dir, tmp_path
 # --- 4. an encoder file whose tensors do not match its own config ---------------------------
 
 
-def test_4_encoder_tensors_that_do_not_match_its_config(tmp_path, capsys):
-    path = _encoder_file(tmp_path / "enc.safetensors")
-    tensors = load_file(str(path))
+def _encode_error_after_editing(path: Path, edit, tmp_path: Path, capsys) -> str:
+    """Rewrite the encoder file at `path` with `edit(tensors)` applied (metadata kept), run
+    `oneword encode` on it and return its one error line."""
     from safetensors import safe_open
 
+    tensors = load_file(str(path))
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
-    name = next(k for k, v in tensors.items() if v.ndim == 2)
-    tensors[name] = torch.zeros(tensors[name].shape[0] + 3, tensors[name].shape[1])
+    edit(tensors)
     save_file(tensors, str(path), metadata=metadata)
     argv = [
         "encode", "--model", MISSING_MODEL, "--encoder", str(path), "--images", str(tmp_path),
         "--token", "<t>", "--out", str(tmp_path / "out"),
     ]  # fmt: skip
     assert main(argv) == 2
-    line = error_line(capsys)
+    return error_line(capsys)
+
+
+def test_4_encoder_tensors_that_do_not_match_its_config(tmp_path, capsys):
+    path = _encoder_file(tmp_path / "enc.safetensors")
+    name = next(k for k, v in load_file(str(path)).items() if v.ndim == 2)
+
+    def grow(tensors):
+        tensors[name] = torch.zeros(tensors[name].shape[0] + 3, tensors[name].shape[1])
+
+    line = _encode_error_after_editing(path, grow, tmp_path, capsys)
     assert str(path) in line and name in line and "config" in line
 
 
@@ -290,20 +300,12 @@ def test_7_rows_far_longer_than_the_vocabulary_are_refused(tiny_sd1_dir, tmp_pat
 
 def test_9_encoder_with_nan_weights_is_a_broken_encoder_file(tmp_path, capsys):
     path = _encoder_file(tmp_path / "enc.safetensors")
-    tensors = load_file(str(path))
-    from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata()
-    name = sorted(tensors)[0]
-    tensors[name] = torch.full_like(tensors[name], float("nan"))
-    save_file(tensors, str(path), metadata=metadata)
-    argv = [
-        "encode", "--model", MISSING_MODEL, "--encoder", str(path), "--images", str(tmp_path),
-        "--token", "<t>", "--out", str(tmp_path / "out"),
-    ]  # fmt: skip
-    assert main(argv) == 2
-    line = error_line(capsys)
+    def poison(tensors):
+        name = sorted(tensors)[0]
+        tensors[name] = torch.full_like(tensors[name], float("nan"))
+
+    line = _encode_error_after_editing(path, poison, tmp_path, capsys)
     assert f"encoder file {path} is broken" in line and "NaN" in line and "fp16" not in line
 
 
