@@ -1083,7 +1083,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             if cache is not None:
                 record["cache"] = {"hits": cache.hits, "misses": cache.misses}
             log.write(record)
-            bar.set_postfix(loss=f"{means['denoise']:.4f}", refresh=False)
+            # The objective's own term: regression alone has no denoising loss to show.
+            shown = "denoise" if stream else "regress"
+            bar.set_postfix({shown: f"{means[shown]:.4f}"}, refresh=False)
             if tensorboard is not None:
                 for name in ("loss", "denoise", "reg", "distill", "regress", "lr", "images_per_s"):
                     tensorboard.add_scalar(f"train/{name}", record[name], step)
