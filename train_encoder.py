@@ -21,7 +21,11 @@ v* = rows learned by classic inversion for that identity (`--distill DIR`).
     L = E_target mean_k ||v_k - v*_k||^2 / ||c_k||^2 + reg_weight * (offset term)
 
 where v is predicted from N of the images v* was learned from, through the frozen tower
-only (features computed once and cached): no UNet, no VAE in the loop. --objective mix adds
+only (features computed once and cached): no UNet, no VAE in the loop. With --regress-space
+text the two are compared after the frozen text encoder instead, on one template prompt per
+target: ||h(v) - h(v*)||^2 / ||h(c) - h(v*)||^2 (1 = no better than the class word); start it
+from a rows run (--init-encoder): from the class word, a fresh head first runs to its offset
+bound. --objective mix adds
 regress_weight times it to the denoising loss. --init-encoder starts from an encoder file
 (e.g. a regression run, then the denoising loss). The plan and commands for the world:
 docs/encoder-plan.md. Validation (and every choice) is on the world's validation split,
@@ -149,6 +153,11 @@ class TrainConfig:
     objective: str = "denoise"
     target_table: str | None = None  # make_targets.py's table: a folder or targets.safetensors
     regress_weight: float = 1.0  # weight of the regression term with --objective mix
+    # Where the regression compares prediction and target: "rows" (the word embeddings,
+    # ||v - v*||^2 / ||c||^2) or "text" (the frozen text encoder's output for a template
+    # prompt holding the word, relative to the class word's: errors weigh by what the UNet's
+    # cross-attention reads, not equally in every direction of the embedding).
+    regress_space: str = "rows"
     # Start the head from an encoder file of the same shape (e.g. a regression run, then a
     # run on the denoising loss through the UNet, E4T-style); None: a fresh head.
     init_encoder: str | None = None
@@ -200,6 +209,8 @@ class TrainConfig:
             raise OnewordError(
                 f"--objective {self.objective} needs --target-table (made by make_targets.py)"
             )
+        if self.regress_space not in ("rows", "text"):
+            raise OnewordError(f"--regress-space must be rows or text, got {self.regress_space!r}")
         names = ("reg_weight", "distill_weight", "weight_decay", "max_grad_norm", "warmup")
         for name in names + ("regress_weight",):
             if not getattr(self, name) >= 0:
@@ -251,7 +262,7 @@ PRESETS: dict[str, dict] = {
 RESUME_KEYS = (
     "model", "data", "tower", "vectors", "dim", "queries", "heads", "mlp_ratio", "offset_scale",
     "batch", "references", "targets", "augment", "templates", "reg_weight", "distill",
-    "distill_weight", "objective", "target_table", "regress_weight", "init_encoder", "lr", "weight_decay", "warmup", "lr_schedule", "grad_accum", "seed",
+    "distill_weight", "objective", "target_table", "regress_weight", "regress_space", "init_encoder", "lr", "weight_decay", "warmup", "lr_schedule", "grad_accum", "seed",
 )  # fmt: skip
 
 
@@ -408,6 +419,46 @@ def load_target_table(cfg: TrainConfig, model, is_main: bool = True) -> TargetTa
             f"encoder predicts K={cfg.vectors} rows of widths {list(model.widths)}"
         )
     return table
+
+
+def text_space_regression(
+    model,
+    slots,
+    predicted: list[torch.Tensor],
+    targets: list[torch.Tensor],
+    class_rows: list[torch.Tensor],
+    templates: list[str],
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """The regression loss in the text encoder's output space.
+
+    One template prompt per target holds its slot; the prompt is encoded three times, with the
+    predicted rows, the target rows and the class word's rows in the slot. The loss is
+    ||h(v) - h(v*)||^2 / ||h(c) - h(v*)||^2 per prompt (h: all hidden states, summed over
+    positions and width), so 1 is "no better than the class word" whatever the prompt.
+
+    Args:
+        model: the `LoadedModel` with the slots added.
+        slots: B placeholders, one per target.
+        predicted, targets, class_rows: per text encoder (B, K, d_e) rows.
+        templates: prompt templates with one {}.
+        generator: draws the templates.
+
+    Returns:
+        The mean over the B prompts, a scalar with the predicted rows' autograd history.
+    """
+    choices = torch.randint(len(templates), (len(slots),), generator=generator).tolist()
+    prompts = [
+        expand_prompt(fill(templates[i], slot.token), [slot]) for i, slot in zip(choices, slots)
+    ]
+
+    def hidden(rows):
+        return encode_prompts(with_placeholder_rows(model, slots, rows), prompts).hidden.float()
+
+    with torch.no_grad():
+        target = hidden(targets)  # (B, n, d)
+        scale = (hidden(class_rows) - target).pow(2).sum((1, 2)).clamp_min(1e-12)  # (B,)
+    return ((hidden(predicted) - target).pow(2).sum((1, 2)) / scale).mean()
 
 
 def target_reach(
@@ -1016,7 +1067,21 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                             terms.append(((rows[have] - target).pow(2).sum(-1) / scale).mean())
                         loss_distill = torch.stack(terms).mean()
                         loss = loss + cfg.distill_weight * loss_distill
-                if picks is not None:
+                if picks is not None and cfg.regress_space == "text":
+                    # 10b. Regression onto the classic targets through the frozen text
+                    # encoder (no UNet): ||h(v) - h(v*)||^2 / ||h(c) - h(v*)||^2 over one
+                    # template prompt per target, h the text encoder's hidden states.
+                    predicted = [r[count:] for r in both.rows]
+                    loss_regress = text_space_regression(
+                        model,
+                        slots[: len(picks)],
+                        predicted,
+                        [r[picks] for r in regression.rows],
+                        [c[count:] for c in both.class_rows],
+                        templates,
+                        generator,
+                    )
+                elif picks is not None:
                     # 10b. Regression onto the classic targets, no UNet:
                     # mean_k ||v_k - v*_k||^2 / ||c_k||^2, as the distillation term.
                     terms = []
@@ -1025,6 +1090,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                         scale = c[count:].pow(2).sum(-1).clamp_min(1e-12)
                         terms.append(((rows[count:] - target).pow(2).sum(-1) / scale).mean())
                     loss_regress = torch.stack(terms).mean()
+                if picks is not None:
                     loss = loss + (cfg.regress_weight if stream else 1.0) * loss_regress
                 # 11. Backward; at the end of the accumulation: clip, skip non-finite, step.
                 accelerator.backward(loss)
@@ -1197,6 +1263,7 @@ HELP = {
     "objective": "denoise (through the frozen UNet), regress (onto --target-table, no UNet) or mix",
     "target_table": "make_targets.py's target table (its --out folder or targets.safetensors)",
     "regress_weight": "weight of the regression term with --objective mix",
+    "regress_space": "rows (the embeddings) or text (the text encoder's output for a prompt)",
     "init_encoder": "start the head from this encoder file (same shape), e.g. a regression run's",
     "steps": "optimizer steps in all (a resumed run continues to this count)",
     "lr": "AdamW learning rate",

@@ -305,6 +305,46 @@ def test_regression_onto_the_target_table_reduces_its_loss(tiny_world_dir, tmp_p
     fresh += ["--offset-scale", "30", "--val-every", "100"]
     assert _run(tiny_world_dir, tmp_path / "mix0", *fresh) == 0
     assert mixed[0]["regress"] < 0.5 * _records(tmp_path / "mix0", "train")[0]["regress"]
+    # In the text encoder's output space (from the rows run's encoder): no UNet either, and
+    # the loss is relative to the class word's, so the trained start reads below 1.
+    extra = ["--objective", "regress", "--regress-space", "text", "--steps", "4"]
+    extra += ["--target-table", str(tmp_path / "targets"), "--offset-scale", "30"]
+    extra += ["--init-encoder", str(out / "encoder.safetensors"), "--log-every", "1"]
+    assert _run(tiny_world_dir, tmp_path / "text", *extra, "--val-every", "100") == 0
+    text = _records(tmp_path / "text", "train")
+    assert all(0 < r["regress"] < 1 and r["denoise"] == 0 for r in text), text
     assert _run(tiny_world_dir, tmp_path / "bad", "--objective", "regress") == 2
     extra = ["--init-encoder", str(out / "encoder.safetensors"), "--dim", "16", "--steps", "1"]
     assert _run(tiny_world_dir, tmp_path / "bad2", *extra) == 2
+
+
+def test_text_space_regression_is_one_at_the_class_word_and_zero_at_the_target(tiny_world_dir):
+    from oneword.encoder.model import class_word_rows
+    from oneword.inversion.templates import load_templates
+    from oneword.models import load_model
+    from oneword.tokens import add_placeholder
+
+    model = load_model(tiny_world_dir, device="cpu")
+    width = model.widths[0]
+    slots = [
+        add_placeholder(model, f"<slot-{i}>", "object", 1, init_rows=[torch.zeros(1, width)])
+        for i in range(3)
+    ]
+    c = torch.stack([class_word_rows(model, "object", 1)[0]] * 3)  # (3, 1, d)
+    target = c + torch.randn(c.shape, generator=torch.Generator().manual_seed(0))
+    predicted = c.clone().requires_grad_(True)
+    templates = load_templates("object")
+
+    def loss(rows):
+        generator = torch.Generator().manual_seed(1)
+        return train_encoder.text_space_regression(
+            model, slots, [rows], [target], [c], templates, generator
+        )
+
+    at_class_word = loss(predicted)
+    assert at_class_word.item() == pytest.approx(1.0, abs=1e-5)
+    at_class_word.backward()
+    assert predicted.grad is not None and predicted.grad.abs().sum() > 0  # it trains the head
+    assert loss(target).item() == pytest.approx(0.0, abs=1e-6)
+    halfway = loss(0.5 * (c + target)).item()
+    assert 0 < halfway < 1
