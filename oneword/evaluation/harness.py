@@ -222,10 +222,12 @@ class _Scorers:
     dino: object | None
 
 
-# What a resumed evaluation must share with the stopped one for their rows to mix.
+# What a resumed evaluation must share with the stopped one for their rows to mix. The
+# checkpoints' digests too: an encoder retrained into the same path must not resume the old
+# one's rows.
 RESUME_KEYS: tuple[str, ...] = (
     "model", "suite", "device", "seed", "samples", "steps", "guidance", "identity_prompt",
-    "clip", "dino", "encoder", "check", "grid_concepts", "grid_edits",
+    "clip", "dino", "encoder", "check", "grid_concepts", "grid_edits", "checkpoints",
 )  # fmt: skip
 
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import replace
 
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from oneword.cli import main
 from oneword.datasets.suite import write_world_suite
@@ -604,6 +607,31 @@ def test_resume_refuses_a_run_with_other_settings(tiny_world_dir, world_suite, t
     with pytest.raises(OnewordError, match=r"--resume: .*samples: 1 there, 2 now"):
         evaluate(str(tiny_world_dir), world_suite, other, tmp_path / "e", resume=True)
     assert (tmp_path / "e" / "progress" / "run.json").read_text() == kept  # nothing lost
+
+
+def _read_safetensors(path):
+    with safe_open(str(path), framework="pt") as handle:
+        return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata()
+
+
+def test_resume_refuses_rows_of_an_encoder_since_replaced(
+    tiny_world_dir, world_suite, tiny_encoder, tmp_path
+):
+    # A retrained encoder written to the same path: its rows must not mix with the old one's.
+    encoder = tmp_path / "encoder.safetensors"
+    shutil.copy(tiny_encoder, encoder)
+    config = EvalConfig(
+        methods=("encoder",), samples=1, steps=2, concepts=1, device="cpu", quiet=True,
+        encoder=str(encoder),
+    )  # fmt: skip
+    evaluate(str(tiny_world_dir), world_suite, config, tmp_path / "e")
+    again = evaluate(str(tiny_world_dir), world_suite, config, tmp_path / "e", resume=True)
+    assert again["resumed_rows"] == 1  # the same file: its row is kept
+    tensors, metadata = _read_safetensors(encoder)
+    tensors = {k: v + 0.01 if v.is_floating_point() else v for k, v in tensors.items()}
+    save_file(tensors, str(encoder), metadata=metadata)
+    with pytest.raises(OnewordError, match=r"--resume: .*checkpoints: "):
+        evaluate(str(tiny_world_dir), world_suite, config, tmp_path / "e", resume=True)
 
 
 @pytest.mark.slow
