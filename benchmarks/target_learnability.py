@@ -1,0 +1,153 @@
+"""How learnable a target table is from the image tower's features, in seconds, before any
+encoder is trained or evaluated.
+
+The training identities of a target table (`make_targets.py`) are split into a fitting part
+and a held-out part (by identity, so held-out identities are new combinations, as validation
+and test concepts are). On the held-out targets it reports the regression loss of the
+encoder's objective, mean ||v - v*||^2 / ||c||^2, for:
+
+- the class word (the untrained encoder), and the identity's other image-set target (what a
+  second classic run gives; its loss is twice the spread of one target about its identity);
+- ridge regression from the mean pooled tower features of the target's images to the
+  offset v* - c (a linear stand-in for the encoder's head, which reads the same on the
+  world), over a few penalties, and its learning curve over fractions of the fitting part;
+- an oracle: ridge from the true shape, colour and pattern (one-hot, additive) to the
+  offset, so "how far are the targets from a sum of per-value parts" is measured apart from
+  "how well does the tower see the values";
+
+and the retrieval rate: the share of held-out targets whose prediction lies closest to their
+own identity's mean target among all held-out identities' means.
+
+    python benchmarks/target_learnability.py --model checkpoints/world --targets runs/targets
+
+Prints one JSON object. Tower features are computed once per target (5 images each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a plain script from anywhere
+    sys.path.insert(0, str(REPO))
+
+
+def ridge(x_fit: torch.Tensor, y_fit: torch.Tensor, x: torch.Tensor, penalty: float):
+    """Ridge regression on standardised inputs with an unpenalised-in-effect bias column:
+    fit (n, f) -> (n, d), predict (m, f) -> (m, d)."""
+    mean, std = x_fit.mean(0), x_fit.std(0) + 1e-6
+    ones = torch.ones(len(x_fit), 1)
+    a = torch.cat([(x_fit - mean) / std, ones], 1)
+    b = torch.cat([(x - mean) / std, torch.ones(len(x), 1)], 1)
+    w = torch.linalg.solve(a.T @ a + penalty * torch.eye(a.shape[1]), a.T @ y_fit)
+    return b @ w
+
+
+def one_hot(names: list[str]) -> torch.Tensor:
+    """'colour-shape-pattern' names -> (n, values) additive one-hot codes."""
+    parts = [name.split("-") for name in names]
+    values = [sorted({p[j] for p in parts}) for j in range(3)]
+    return torch.tensor([[float(p[j] == v) for j in range(3) for v in values[j]] for p in parts])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="checkpoints/world", help="the targets' world model")
+    parser.add_argument("--targets", required=True, help="make_targets.py --out folder or table")
+    parser.add_argument("--held-out", type=float, default=0.2, help="share of identities held out")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the identity split")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from oneword.clip import load_tower
+    from oneword.encoder.features import Featurizer
+    from oneword.encoder.model import class_word_rows
+    from oneword.encoder.targets import TargetRegression, load_targets
+    from oneword.models import load_model
+
+    model = load_model(args.model)
+    tower = load_tower("world", model_folder=model.extra.get("folder"), device=model.device)
+    table = load_targets(args.targets)
+    regression = TargetRegression(table, Featurizer(tower, model), model.resolution, "cpu")
+    pooled = torch.stack([regression.features(i)[0].mean(0) for i in range(len(table))])
+    rows = table.rows[0][:, 0].float()  # (N, d): the first text encoder's first vector
+    class_rows = {w: class_word_rows(model, w, 1)[0][0].float() for w in set(table.class_words)}
+    c = torch.stack([class_rows[w] for w in table.class_words])  # (N, d)
+
+    identities = sorted(set(table.names))
+    random.Random(args.seed).shuffle(identities)
+    held = set(identities[: round(args.held_out * len(identities))])
+    fit = [i for i, n in enumerate(table.names) if n not in held]
+    test = [i for i, n in enumerate(table.names) if n in held]
+    scale = c[test].pow(2).sum(-1)
+
+    def loss(predicted: torch.Tensor) -> float:
+        return float(((predicted - rows[test]).pow(2).sum(-1) / scale).mean())
+
+    held_names = sorted(held)
+    centres = torch.stack(
+        [rows[[i for i in test if table.names[i] == n]].mean(0) for n in held_names]
+    )
+    own = torch.tensor([held_names.index(table.names[i]) for i in test])
+
+    def retrieval(predicted: torch.Tensor) -> float:
+        return float((torch.cdist(predicted, centres).argmin(-1) == own).float().mean())
+
+    def scored(predicted: torch.Tensor) -> dict:
+        return {"loss": round(loss(predicted), 4), "retrieval": round(retrieval(predicted), 4)}
+
+    other = rows[test].clone()  # the identity's other image-set target
+    for n in held_names:
+        pair = [i for i, j in enumerate(test) if table.names[j] == n]
+        if len(pair) == 2:
+            other[pair[0]], other[pair[1]] = rows[test][pair[1]], rows[test][pair[0]]
+    offsets = rows - c
+    report: dict = {
+        "targets": str(args.targets),
+        "settings": table.settings,
+        "fit": {"targets": len(fit), "identities": len(identities) - len(held)},
+        "held_out": {"targets": len(test), "identities": len(held)},
+        # median ||v* - c|| / ||c||, c the identity's own class word
+        "offset_length": round(float(((rows - c).norm(dim=-1) / c.norm(dim=-1)).median()), 3),
+        "class_word": scored(c[test]),
+        "other_image_set": scored(other),
+        "ridge_pooled": {
+            str(p): scored(c[test] + ridge(pooled[fit], offsets[fit], pooled[test], p))
+            for p in (1, 10, 100, 1000)
+        },
+        "oracle_additive": {
+            str(p): scored(
+                c[test]
+                + ridge(one_hot(table.names)[fit], offsets[fit], one_hot(table.names)[test], p)
+            )
+            for p in (0.1, 1, 10)
+        },
+    }
+    fit_names = sorted({table.names[i] for i in fit})
+    curve = {}
+    for share in (0.25, 0.5, 0.75, 1.0):
+        losses = []
+        for draw in range(5 if share < 1 else 1):
+            keep = set(random.Random(draw).sample(fit_names, round(share * len(fit_names))))
+            part = [i for i in fit if table.names[i] in keep]
+            losses.append(
+                min(
+                    loss(c[test] + ridge(pooled[part], offsets[part], pooled[test], p))
+                    for p in (1, 10, 100)
+                )
+            )
+        curve[str(round(share * len(fit_names)))] = round(sum(losses) / len(losses), 4)
+    report["ridge_learning_curve"] = curve  # fitting identities -> best held-out loss
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
