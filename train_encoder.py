@@ -264,6 +264,8 @@ RESUME_KEYS = (
     "batch", "references", "targets", "augment", "templates", "reg_weight", "distill",
     "distill_weight", "objective", "target_table", "regress_weight", "regress_space", "init_encoder", "lr", "weight_decay", "warmup", "lr_schedule", "grad_accum", "seed",
 )  # fmt: skip
+# What a resume key meant in checkpoints written before the key existed.
+RESUME_DEFAULTS = {"regress_space": "rows"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -854,11 +856,11 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     if resume:
         path = ckpt.latest_checkpoint(checkpoints)
         tensors, state = ckpt.load_checkpoint(path)
-        changed = [k for k in RESUME_KEYS if state["config"].get(k) != getattr(cfg, k)]
+        # A key missing from an older run's checkpoint: that run had the default behaviour.
+        stored = {**RESUME_DEFAULTS, **state["config"]}
+        changed = [k for k in RESUME_KEYS if stored.get(k) != getattr(cfg, k)]
         if changed:
-            diff = ", ".join(
-                f"{k}: {state['config'].get(k)!r} -> {getattr(cfg, k)!r}" for k in changed
-            )
+            diff = ", ".join(f"{k}: {stored.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
             raise OnewordError(
                 f"--resume from {path}: the run was started with other settings ({diff}); use the "
                 "same settings (only --steps and logging options may change) or a new --out"

@@ -246,7 +246,8 @@ class _Progress:
         run_file = folder / "run.json"
         if resume and run_file.is_file():
             stored = json.loads(run_file.read_text())
-            differs = [k for k in RESUME_KEYS if stored.get(k) != settings.get(k)]
+            # A key an older oneword did not store (the checkpoints' digests) is not compared.
+            differs = [k for k in RESUME_KEYS if k in stored and stored[k] != settings.get(k)]
             if differs:
                 detail = "; ".join(
                     f"{k}: {stored.get(k)!r} there, {settings.get(k)!r} now" for k in differs

@@ -632,6 +632,13 @@ def test_resume_refuses_rows_of_an_encoder_since_replaced(
     save_file(tensors, str(encoder), metadata=metadata)
     with pytest.raises(OnewordError, match=r"--resume: .*checkpoints: "):
         evaluate(str(tiny_world_dir), world_suite, config, tmp_path / "e", resume=True)
+    # A run stored by a oneword that did not record the digests resumes as before.
+    run_file = tmp_path / "e" / "progress" / "run.json"
+    stored = json.loads(run_file.read_text())
+    del stored["checkpoints"]
+    run_file.write_text(json.dumps(stored))
+    older = evaluate(str(tiny_world_dir), world_suite, config, tmp_path / "e", resume=True)
+    assert older["resumed_rows"] == 1
 
 
 @pytest.mark.slow

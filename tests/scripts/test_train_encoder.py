@@ -104,6 +104,13 @@ def test_resume_refuses_changed_settings_and_missing_runs(tiny_world_dir, tmp_pa
     assert _run(tiny_world_dir, out, "--steps", "1", "--val-every", "100") == 0
     assert _run(tiny_world_dir, out, "--resume", "--lr", "0.1") == 2
     assert "lr: 0.0003 -> 0.1" in capsys.readouterr().err
+    # A checkpoint written before a resume key existed resumes with that key's default.
+    state_file = out / "checkpoints" / "step-000001" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["regress_space"]
+    state_file.write_text(json.dumps(state))
+    assert _run(tiny_world_dir, out, "--resume", "--steps", "2", "--val-every", "100") == 0
+    assert _run(tiny_world_dir, out, "--resume", "--steps", "3", "--regress-space", "text") == 2
 
 
 def test_distillation_and_feature_cache_on_folder_data(tiny_world_dir, tmp_path):
