@@ -264,8 +264,6 @@ RESUME_KEYS = (
     "batch", "references", "targets", "augment", "templates", "reg_weight", "distill",
     "distill_weight", "objective", "target_table", "regress_weight", "regress_space", "init_encoder", "lr", "weight_decay", "warmup", "lr_schedule", "grad_accum", "seed",
 )  # fmt: skip
-# What a resume key meant in checkpoints written before the key existed.
-RESUME_DEFAULTS = {"regress_space": "rows"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -856,8 +854,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     if resume:
         path = ckpt.latest_checkpoint(checkpoints)
         tensors, state = ckpt.load_checkpoint(path)
-        # A key missing from an older run's checkpoint: that run had the default behaviour.
-        stored = {**RESUME_DEFAULTS, **state["config"]}
+        # A key missing from an older run's checkpoint did not exist then: that run had the
+        # field's default behaviour.
+        stored = {**asdict(TrainConfig()), **state["config"]}
         changed = [k for k in RESUME_KEYS if stored.get(k) != getattr(cfg, k)]
         if changed:
             diff = ", ".join(f"{k}: {stored.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)

@@ -50,8 +50,10 @@ def ridge(x_fit: torch.Tensor, y_fit: torch.Tensor, x: torch.Tensor, penalty: fl
 
 
 def one_hot(names: list[str]) -> torch.Tensor:
-    """'colour-shape-pattern' names -> (n, values) additive one-hot codes."""
-    parts = [name.split("-") for name in names]
+    """World identity names -> (n, values) additive one-hot codes of shape, colour, pattern."""
+    from oneword.encoder.targets import identity_from_name
+
+    parts = [(i.shape, i.colour, i.pattern) for i in map(identity_from_name, names)]
     values = [sorted({p[j] for p in parts}) for j in range(3)]
     return torch.tensor([[float(p[j] == v) for j in range(3) for v in values[j]] for p in parts])
 
@@ -109,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(pair) == 2:
             other[pair[0]], other[pair[1]] = rows[test][pair[1]], rows[test][pair[0]]
     offsets = rows - c
+    codes = one_hot(table.names)  # the true attributes, for the additive oracle
     report: dict = {
         "targets": str(args.targets),
         "settings": table.settings,
@@ -123,10 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             for p in (1, 10, 100, 1000)
         },
         "oracle_additive": {
-            str(p): scored(
-                c[test]
-                + ridge(one_hot(table.names)[fit], offsets[fit], one_hot(table.names)[test], p)
-            )
+            str(p): scored(c[test] + ridge(codes[fit], offsets[fit], codes[test], p))
             for p in (0.1, 1, 10)
         },
     }

@@ -34,6 +34,14 @@ def error_line(capsys) -> str:
     return lines[0]
 
 
+def read_safetensors(path) -> tuple[dict, dict]:
+    """A safetensors file's tensors and metadata (to rewrite it with a change)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata()
+
+
 def noise_images(n: int = 3, seed: int = 0, size: int = 32):
     """`n` random RGB PIL images (size x size): concept images for the tiny models."""
     import numpy as np

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import error_line, root_script
+from conftest import error_line, read_safetensors, root_script
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -172,11 +172,7 @@ def test_3_more_vectors_than_the_prompt_holds_are_refused(tiny_sd1_dir, tmp_path
 def _encode_error_after_editing(path: Path, edit, tmp_path: Path, capsys) -> str:
     """Rewrite the encoder file at `path` with `edit(tensors)` applied (metadata kept), run
     `oneword encode` on it and return its one error line."""
-    from safetensors import safe_open
-
-    tensors = load_file(str(path))
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata()
+    tensors, metadata = read_safetensors(path)
     edit(tensors)
     save_file(tensors, str(path), metadata=metadata)
     argv = [

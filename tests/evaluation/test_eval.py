@@ -10,8 +10,8 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import read_safetensors
 from PIL import Image
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from oneword.cli import main
@@ -609,11 +609,6 @@ def test_resume_refuses_a_run_with_other_settings(tiny_world_dir, world_suite, t
     assert (tmp_path / "e" / "progress" / "run.json").read_text() == kept  # nothing lost
 
 
-def _read_safetensors(path):
-    with safe_open(str(path), framework="pt") as handle:
-        return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata()
-
-
 def test_resume_refuses_rows_of_an_encoder_since_replaced(
     tiny_world_dir, world_suite, tiny_encoder, tmp_path
 ):
@@ -627,7 +622,7 @@ def test_resume_refuses_rows_of_an_encoder_since_replaced(
     evaluate(str(tiny_world_dir), world_suite, config, tmp_path / "e")
     again = evaluate(str(tiny_world_dir), world_suite, config, tmp_path / "e", resume=True)
     assert again["resumed_rows"] == 1  # the same file: its row is kept
-    tensors, metadata = _read_safetensors(encoder)
+    tensors, metadata = read_safetensors(encoder)
     tensors = {k: v + 0.01 if v.is_floating_point() else v for k, v in tensors.items()}
     save_file(tensors, str(encoder), metadata=metadata)
     with pytest.raises(OnewordError, match=r"--resume: .*checkpoints: "):
