@@ -18,7 +18,16 @@ encoder's objective, mean ||v - v*||^2 / ||c||^2, for:
 and the retrieval rate: the share of held-out targets whose prediction lies closest to their
 own identity's mean target among all held-out identities' means.
 
+With `--against` (eval runs that kept classic inversion's snapshots, `oneword eval --methods
+classic:...`) it also measures, on those runs' concepts (validation, never fitted), the same
+loss against classic's token at `--reference-steps` for the class word, classic's own earlier
+snapshots, ridge fitted on every target of the table, and each `--encoder NAME=PATH`: how
+close each start lies to where classic goes, to set beside the identity `oneword eval` reads.
+
     python benchmarks/target_learnability.py --model checkpoints/world --targets runs/targets
+    python benchmarks/target_learnability.py --targets runs/targets \
+        --against runs/eval-validation-classic --suite runs/suite-validation \
+        --encoder shipped=checkpoints/world-encoder.safetensors
 
 Prints one JSON object. Tower features are computed once per target (5 images each).
 """
@@ -58,6 +67,67 @@ def one_hot(names: list[str]) -> torch.Tensor:
     return torch.tensor([[float(p[j] == v) for j in range(3) for v in values[j]] for p in parts])
 
 
+def against_classic(args, model, tower, pooled, offsets, fit_penalty: float) -> dict:
+    """Loss against classic's `--reference-steps` token on the concepts of `--against`'s eval
+    runs, per start: mean and standard error over concepts."""
+    from safetensors import safe_open
+
+    from oneword.datasets.suite import read_suite
+    from oneword.encoder.model import class_word_rows, encode_concept, load_encoder
+    from oneword.evaluation.harness import _file_name
+    from oneword.images import images_to_tensor, load_images
+
+    encoders = {}
+    for item in args.encoder:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--encoder {item!r}: expected NAME=PATH")
+        encoders[name] = load_encoder(path)
+    reference, starts = str(args.reference_steps), {}
+    for concept in read_suite(args.suite):
+        kept = [
+            Path(run) / "progress" / "classic" / f"{_file_name(concept.name)}.safetensors"
+            for run in args.against
+        ]
+        kept = [p for p in kept if p.is_file()]
+        if not kept:
+            continue
+        with safe_open(str(kept[0]), framework="pt") as f:
+            steps = sorted(int(k.split("/")[0]) for k in f.keys() if k.endswith("/0"))
+            if args.reference_steps not in steps:
+                continue
+            snapshots = {n: f.get_tensor(f"{n}/0")[0].float() for n in steps}
+        target = snapshots[int(reference)]
+        c = class_word_rows(model, concept.class_word, 1)[0][0].float()
+        images = load_images(concept.images, model.resolution)
+        with torch.no_grad():
+            features = tower(images_to_tensor(images)).pooled.float().mean(0)
+        start = {
+            "class word": c,
+            "ridge": c + ridge(pooled, offsets, features[None], fit_penalty)[0],
+        }
+        start |= {f"classic:{n}": v for n, v in snapshots.items() if n < args.reference_steps}
+        for name, encoder in encoders.items():
+            token = encode_concept(encoder, model, images, "<x>", concept.class_word, tower=tower)
+            start[f"encoder {name}"] = token.vectors[0][0].float()
+        for name, v in start.items():
+            loss = float((v - target).pow(2).sum() / c.pow(2).sum())
+            starts.setdefault(name, []).append(loss)
+    if not starts:
+        raise SystemExit(
+            f"--against: no kept classic run with a {reference}-step snapshot for a concept of "
+            f"{args.suite}"
+        )
+    out = {"reference": f"classic:{reference}", "concepts": len(starts["class word"])}
+    for name, losses in starts.items():
+        x = torch.tensor(losses)
+        out[name] = {
+            "loss": round(float(x.mean()), 4),
+            "stderr": round(float(x.std() / len(x) ** 0.5), 4),
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="checkpoints/world", help="the targets' world model")
@@ -65,7 +135,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--held-out", type=float, default=0.2, help="share of identities held out")
     parser.add_argument("--seed", type=int, default=0, help="seeds the identity split")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--against", nargs="*", default=[], help="eval run folders with kept classic runs"
+    )
+    parser.add_argument("--suite", help="the suite those eval runs scored (with --against)")
+    parser.add_argument(
+        "--reference-steps", type=int, default=100, help="classic's snapshot to measure against"
+    )
+    parser.add_argument(
+        "--encoder", action="append", default=[], metavar="NAME=PATH", help="an encoder to place"
+    )
     args = parser.parse_args(argv)
+    if args.against and not args.suite:
+        parser.error("--against needs --suite (the suite the eval runs scored)")
     torch.set_num_threads(args.threads)
 
     from oneword.clip import load_tower
@@ -145,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         curve[str(round(share * len(fit_names)))] = round(sum(losses) / len(losses), 4)
     report["ridge_learning_curve"] = curve  # fitting identities -> best held-out loss
+    if args.against:
+        report["against_classic"] = against_classic(
+            args, model, tower, pooled, offsets, fit_penalty=10
+        )
     print(json.dumps(report, indent=2))
     return 0
 
