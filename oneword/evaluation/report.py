@@ -384,6 +384,33 @@ def standard_error(method: dict, metric: str) -> float | None:
     return (variance / len(values)) ** 0.5
 
 
+def paired_difference(a: dict, b: dict, metric: str) -> dict | None:
+    """Method a's metric minus method b's, paired over the concepts both measured: the mean
+    difference, its standard error (None under two concepts) and the number of concepts.
+    Pairing removes the concepts' own spread, which dominates one method's error bar."""
+    first = {r["concept"]: r[metric] for r in a.get("per_concept", []) if r.get(metric) is not None}
+    both = [
+        first[r["concept"]] - r[metric]
+        for r in b.get("per_concept", [])
+        if r.get(metric) is not None and r["concept"] in first
+    ]
+    if not both:
+        return None
+    mean = sum(both) / len(both)
+    se = None
+    if len(both) > 1:
+        se = (sum((d - mean) ** 2 for d in both) / (len(both) - 1) / len(both)) ** 0.5
+    return {"mean": mean, "se": se, "n": len(both)}
+
+
+def _points(difference: dict | None) -> str:
+    """A paired difference of shares in percentage points, e.g. "-4.2 ± 3.1"."""
+    if difference is None:
+        return "–"
+    se = difference["se"]
+    return f"{100 * difference['mean']:+.1f}" + (f" ± {100 * se:.1f}" if se is not None else "")
+
+
 def classic_plateau(methods: dict, reference: str = "classic") -> dict | None:
     """Classic inversion's plateau and the time it needed to reach it.
 
@@ -454,10 +481,12 @@ def quality_time_lines(results: dict) -> list[str]:
         f"of it from {near['label']}, {_format(near['seconds'], 'seconds')} s); ± is one "
         "standard error over concepts.",
         "",
-        "| method | identity | editability | s / concept | identity / plateau's | time "
-        "to plateau / time |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | identity | editability | s / concept | identity / plateau's | identity "
+        "- plateau's, paired (points) | editability - plateau's, paired | time to plateau / "
+        "time |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    best = methods[plateau["label"]]
     ordered = sorted(
         methods.items(), key=lambda item: (item[1].get("seconds_per_concept") or 0, item[0])
     )
@@ -469,9 +498,73 @@ def quality_time_lines(results: dict) -> list[str]:
         speed = f"{plateau['seconds'] / seconds:.1f}x" if seconds else "–"
         lines.append(
             f"| {label} | {_with_se(method, 'identity')} | {_with_se(method, 'editability')} | "
-            f"{_format(seconds, 'seconds')} | {share} | {speed} |"
+            f"{_format(seconds, 'seconds')} | {share} | "
+            f"{_points(paired_difference(method, best, 'identity'))} | "
+            f"{_points(paired_difference(method, best, 'editability'))} | {speed} |"
         )
-    return lines
+    return lines + encoder_target_lines(results)
+
+
+# The encoder's targets on the quality-time curve (docs/encoder-plan.md): alone, at least
+# this share of classic's plateau identity, no less editability, in under this many seconds;
+# with at most this many refinement steps, the plateau's quality (a paired difference no
+# lower than minus one standard error) at least this many times sooner than classic.
+ALONE_SHARE, ALONE_SECONDS, REFINE_STEPS, SPEEDUP = 0.9, 0.1, 10, 20.0
+
+
+def _verdict(met: bool) -> str:
+    return "met" if met else "**missed**"
+
+
+def encoder_target_lines(results: dict) -> list[str]:
+    """The encoder's targets checked against classic's plateau in this report: one line for
+    the encoder alone and one per refinement step count up to `REFINE_STEPS`, each saying
+    met or missed and by how much. Empty without a plateau or encoder rows."""
+    methods = results["methods"]
+    plateau = classic_plateau(methods)
+    if plateau is None:
+        return []
+    best = methods[plateau["label"]]
+    lines = []
+    alone = methods.get("encoder")
+    if alone and alone.get("identity") is not None and alone.get("seconds_per_concept") is not None:
+        share = alone["identity"] / plateau["identity"] if plateau["identity"] else 0.0
+        edit = paired_difference(alone, best, "editability")
+        edit_met = edit is not None and edit["mean"] >= 0
+        lines.append(
+            f"- encoder alone: identity {100 * share:.0f}% of the plateau's (target >= "
+            f"{100 * ALONE_SHARE:.0f}%: {_verdict(share >= ALONE_SHARE)}); editability "
+            f"{_points(edit)} points against the plateau's (target >= 0: {_verdict(edit_met)}); "
+            f"{_format(alone['seconds_per_concept'], 'seconds')} s per concept (target < "
+            f"{ALONE_SECONDS:g} s: {_verdict(alone['seconds_per_concept'] < ALONE_SECONDS)})"
+        )
+    refined = sorted(
+        (m["steps"], label, m)
+        for label, m in methods.items()
+        if m.get("method") == "encoder+refine"
+        and m.get("steps") is not None
+        and m["steps"] <= REFINE_STEPS
+        and m.get("seconds_per_concept")
+    )
+    for _, label, method in refined:
+        checks = []
+        for metric in ("identity", "editability"):
+            d = paired_difference(method, best, metric)
+            met = d is not None and d["mean"] >= -(d["se"] or 0.0)
+            checks.append(f"{metric} {_points(d)} points ({_verdict(met)})")
+        speedup = plateau["seconds"] / method["seconds_per_concept"]
+        lines.append(
+            f"- {label}: against the plateau, paired (target >= minus one standard error): "
+            f"{', '.join(checks)}; {speedup:.1f}x less time than classic needed to first reach "
+            f"it (target >= {SPEEDUP:g}x: {_verdict(speedup >= SPEEDUP)})"
+        )
+    if not lines:
+        return []
+    return [
+        "",
+        f"The encoder's targets against classic's plateau ({plateau['label']}):",
+        "",
+    ] + lines
 
 
 def plot_quality_time(results: dict, path: str | Path) -> Path | None:

@@ -9,7 +9,9 @@ from PIL import Image
 from oneword.evaluation.report import (
     choose_threshold,
     classic_plateau,
+    encoder_target_lines,
     format_table,
+    paired_difference,
     plot_quality_time,
     quality_time_lines,
     standard_error,
@@ -95,6 +97,10 @@ def test_the_quality_time_table_and_plot(tmp_path):
     assert "37.5% ± 7.2" in encoder and "| 75% |" in encoder and "200.0x" in encoder
     refine = next(line for line in lines if line.startswith("| encoder+refine:10 |"))
     assert "| 112% |" in refine and "20.0x" in refine
+    # Paired against the plateau (classic:100, 0.5 on every concept): -12.5 ± 7.2 and +6.2 ±
+    # 6.2 identity points, -5.0 and +1.0 editability points (no spread: no error bar).
+    assert "| -12.5 ± 7.2 | -5.0 ± 0.0 |" in encoder
+    assert "| +6.2 ± 6.2 | +1.0 ± 0.0 |" in refine
     assert text in format_table(results)  # results.md holds it
     path = plot_quality_time(results, tmp_path / "quality_time.png")
     with Image.open(path) as image:
@@ -105,6 +111,42 @@ def test_the_quality_time_table_and_plot(tmp_path):
     empty = {**results, "methods": {}}
     assert plot_quality_time(empty, tmp_path / "none.png") is None
     assert quality_time_lines(empty) == []
+
+
+def test_paired_difference_uses_only_the_concepts_both_measured():
+    a = _method("encoder", [0.25, 0.5, 1.0], 0.05, 0.3)
+    b = _method("classic:100", [0.5, 0.5], 10.0, 0.35)  # concepts c0, c1 only
+    d = paired_difference(a, b, "identity")
+    assert d["n"] == 2 and d["mean"] == pytest.approx(-0.125)
+    assert d["se"] == pytest.approx(0.125)  # differences -0.25 and 0: sd 0.177 / sqrt(2)
+    assert paired_difference(a, {"per_concept": []}, "identity") is None
+    one = paired_difference(a, _method("x", [0.0], 1.0, 0.1), "identity")
+    assert one["n"] == 1 and one["se"] is None
+
+
+def test_the_encoder_targets_say_met_or_missed_by_how_much():
+    results = _results()
+    lines = encoder_target_lines(results)
+    alone = next(line for line in lines if line.startswith("- encoder alone"))
+    # 75% of the plateau (missed), editability 5 points under it (missed), 0.05 s (met).
+    assert "identity 75% of the plateau's (target >= 90%: **missed**)" in alone
+    assert "editability -5.0 ± 0.0 points against the plateau's (target >= 0: **missed**)" in alone
+    assert "0.05 s per concept (target < 0.1 s: met)" in alone
+    refine = next(line for line in lines if line.startswith("- encoder+refine:10"))
+    assert "identity +6.2 ± 6.2 points (met)" in refine
+    assert "editability +1.0 ± 0.0 points (met)" in refine
+    assert "20.0x less time" in refine and "(target >= 20x: met)" in refine
+    # Slower refinement misses the speed target; lower identity misses by more than one se.
+    methods = results["methods"]
+    methods["encoder+refine:10"] = _method("encoder+refine:10", [0.25, 0.25, 0.25, 0.5], 1.0, 0.36)
+    refine = next(line for line in encoder_target_lines(results) if "refine:10" in line)
+    assert "identity -18.8 ± 6.2 points (**missed**)" in refine
+    assert "10.0x less time" in refine and "(target >= 20x: **missed**)" in refine
+    # More than 10 refinement steps are not held to these targets; no encoder rows, no lines.
+    methods["encoder+refine:50"] = _method("encoder+refine:50", [1.0] * 4, 2.0, 0.5)
+    assert not any("refine:50" in line for line in encoder_target_lines(results))
+    only_classic = {k: v for k, v in methods.items() if k.startswith("classic")}
+    assert encoder_target_lines({**results, "methods": only_classic}) == []
 
 
 def _scored(pairs: list[tuple[float, float]]) -> list[dict]:
