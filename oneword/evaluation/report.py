@@ -510,6 +510,9 @@ def quality_time_lines(results: dict) -> list[str]:
 # with at most this many refinement steps, the plateau's quality (a paired difference no
 # lower than minus one standard error) at least this many times sooner than classic.
 ALONE_SHARE, ALONE_SECONDS, REFINE_STEPS, SPEEDUP = 0.9, 0.1, 10, 20.0
+# The fallback check, at a threshold chosen on validation: it sends at least this share of
+# the wrong concepts on to full inversion and at most this share of the right ones.
+CATCH, SPARE = 0.8, 0.1
 
 
 def _verdict(met: bool) -> str:
@@ -518,8 +521,9 @@ def _verdict(met: bool) -> str:
 
 def encoder_target_lines(results: dict) -> list[str]:
     """The encoder's targets checked against classic's plateau in this report: one line for
-    the encoder alone and one per refinement step count up to `REFINE_STEPS`, each saying
-    met or missed and by how much. Empty without a plateau or encoder rows."""
+    the encoder alone, one per refinement step count up to `REFINE_STEPS` and one per
+    encoder method the fallback check rated, each saying met or missed and by how much.
+    Empty without a plateau or encoder rows."""
     methods = results["methods"]
     plateau = classic_plateau(methods)
     if plateau is None:
@@ -557,6 +561,19 @@ def encoder_target_lines(results: dict) -> list[str]:
             f"- {label}: against the plateau, paired (target >= minus one standard error): "
             f"{', '.join(checks)}; {speedup:.1f}x less time than classic needed to first reach "
             f"it (target >= {SPEEDUP:g}x: {_verdict(speedup >= SPEEDUP)})"
+        )
+    for label, method in methods.items():
+        rates = method.get("fallback")
+        if not rates or not label.startswith("encoder"):
+            continue
+        caught = rates["wrong_flagged"] / rates["wrong"] if rates["wrong"] else None
+        spared = rates["right_flagged"] / rates["right"] if rates["right"] else None
+        lines.append(
+            f"- the fallback check on {label}'s tokens (threshold {rates['threshold']:g}): "
+            f"sends {_share(rates['wrong_flagged'], rates['wrong'])} of the wrong concepts "
+            f"(target >= {100 * CATCH:.0f}%: {_verdict(caught is not None and caught >= CATCH)}) "
+            f"and {_share(rates['right_flagged'], rates['right'])} of the right ones (target <= "
+            f"{100 * SPARE:.0f}%: {_verdict(spared is None or spared <= SPARE)})"
         )
     if not lines:
         return []

@@ -142,6 +142,13 @@ def test_the_encoder_targets_say_met_or_missed_by_how_much():
     refine = next(line for line in encoder_target_lines(results) if "refine:10" in line)
     assert "identity -18.8 ± 6.2 points (**missed**)" in refine
     assert "10.0x less time" in refine and "(target >= 20x: **missed**)" in refine
+    # The fallback check: 4 of 5 wrong concepts sent is enough, 2 of 10 right ones too many.
+    rates = {"threshold": 0.775, "wrong": 5, "wrong_flagged": 4, "right": 10, "right_flagged": 2}
+    methods["encoder"]["fallback"] = rates
+    check = next(line for line in encoder_target_lines(results) if "fallback" in line)
+    assert "on encoder's tokens (threshold 0.775)" in check
+    assert "sends 4/5 (80%) of the wrong concepts (target >= 80%: met)" in check
+    assert "2/10 (20%) of the right ones (target <= 10%: **missed**)" in check
     # More than 10 refinement steps are not held to these targets; no encoder rows, no lines.
     methods["encoder+refine:50"] = _method("encoder+refine:50", [1.0] * 4, 2.0, 0.5)
     assert not any("refine:50" in line for line in encoder_target_lines(results))
