@@ -449,8 +449,9 @@ def encode(
         encoder = load_encoder(encoder, device=model.device)
     check_compatible(encoder.config, model)
     class_word = class_word or default_class_word(encoder)
-    # The concept, prepared once: fitted images, pixels and VAE posteriors, shared by the
-    # encoder, the refinement, the check and the fallback.
+    # The concept, prepared once: fitted images and pixels, and (on first use: not for the
+    # encoder alone) VAE posteriors, shared by the encoder, the refinement, the check and
+    # the fallback.
     prepared = prepare_images(model, images)
     images = prepared.images
     vectors = encoder.config.num_vectors

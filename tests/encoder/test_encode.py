@@ -167,6 +167,38 @@ def test_the_concept_is_prepared_once_for_refine_check_and_fallback(
     assert calls == [6] and fitted == [1]
 
 
+def test_the_encoder_alone_never_runs_the_vae(model, world_tower, concept_images, monkeypatch):
+    # The prediction reads only the tower's features; the VAE posterior is for refinement,
+    # the loss check and the fallback, so it is encoded on first use, not up front.
+    calls = []
+    real_encode = model.vae.encode
+    monkeypatch.setattr(model.vae, "encode", lambda x: calls.append(len(x)) or real_encode(x))
+    options = dict(FAST, check="none")
+    encoder = _untrained(world_tower, model)
+    alone = encode(
+        model,
+        encoder,
+        concept_images,
+        "<a>",
+        tower=world_tower,
+        refine_steps=0,
+        fallback=False,
+        **options,
+    )
+    assert alone.path_taken == "encoder" and calls == []
+    refined = encode(
+        model,
+        encoder,
+        concept_images,
+        "<b>",
+        tower=world_tower,
+        refine_steps=1,
+        fallback=False,
+        **options,
+    )
+    assert refined.path_taken == "refined" and calls == [6]  # 3 images and their mirrors
+
+
 def test_an_untrained_encoder_scores_exactly_the_class_word(model, world_tower, concept_images):
     # Zero-initialised outputs predict the class word's rows, so token and class word give
     # the same prompts' features: the relative loss is exactly 1.0, which passes (<= 1.0).
