@@ -502,7 +502,41 @@ def quality_time_lines(results: dict) -> list[str]:
             f"{_points(paired_difference(method, best, 'identity'))} | "
             f"{_points(paired_difference(method, best, 'editability'))} | {speed} |"
         )
-    return lines + encoder_target_lines(results)
+    return lines + equal_steps_lines(methods) + encoder_target_lines(results)
+
+
+def equal_steps_lines(methods: dict) -> list[str]:
+    """The encoder's head start at equal step counts: encoder+refine:k minus classic:k (from
+    the class word), paired over concepts, for every k both were run at; with their seconds,
+    since the refined path also pays for the prediction."""
+    pairs = sorted(
+        (m["steps"], label)
+        for label, m in methods.items()
+        if m.get("method") == "encoder+refine"
+        and m.get("steps")
+        and f"classic:{m['steps']}" in methods
+    )
+    if not pairs:
+        return []
+    lines = [
+        "",
+        "At equal steps, the encoder's start against the class word's (paired over concepts, "
+        "points):",
+        "",
+        "| steps | identity | editability | seconds: encoder + refinement / classic |",
+        "|---:|---:|---:|---:|",
+    ]
+    for steps, label in pairs:
+        ours, classic = methods[label], methods[f"classic:{steps}"]
+        seconds = (
+            f"{_format(ours.get('seconds_per_concept'), 'seconds')} / "
+            f"{_format(classic.get('seconds_per_concept'), 'seconds')}"
+        )
+        lines.append(
+            f"| {steps} | {_points(paired_difference(ours, classic, 'identity'))} | "
+            f"{_points(paired_difference(ours, classic, 'editability'))} | {seconds} |"
+        )
+    return lines
 
 
 # The encoder's targets on the quality-time curve (docs/encoder-plan.md): alone, at least

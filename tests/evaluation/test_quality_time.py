@@ -101,6 +101,8 @@ def test_the_quality_time_table_and_plot(tmp_path):
     # 6.2 identity points, -5.0 and +1.0 editability points (no spread: no error bar).
     assert "| -12.5 ± 7.2 | -5.0 ± 0.0 |" in encoder
     assert "| +6.2 ± 6.2 | +1.0 ± 0.0 |" in refine
+    # At equal steps: encoder+refine:10 against classic:10, +43.8 ± 12.0 and +16.0 points.
+    assert "| 10 | +43.8 ± 12.0 | +16.0 ± 0.0 | 0.50 / 1.00 |" in text
     assert text in format_table(results)  # results.md holds it
     path = plot_quality_time(results, tmp_path / "quality_time.png")
     with Image.open(path) as image:
