@@ -6,11 +6,13 @@ Every bad input ends as one line on stderr that says what to do, and exit status
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import OnewordError, one_line_warnings
+from .commands import COMMANDS
 
 EXAMPLES = """\
 examples:
@@ -23,7 +25,10 @@ examples:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The `oneword` parser. `commands`: the commands to build in full (None: all); every
+    other command is listed by name and help only, so that `oneword --help` and one command's
+    run import only what they use."""
     parser = argparse.ArgumentParser(
         prog="oneword",
         description=(
@@ -36,30 +41,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"oneword {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     # One module per command, each registering its own subcommand.
-    from .demo import add_demo_parser
-    from .encode import add_encode_parser
-    from .eval import add_eval_parser
-    from .export import add_export_parser
-    from .generate import add_generate_parser
-    from .info import add_info_parser
-    from .invert import add_invert_parser
-    from .serve import add_serve_parser
-    from .world import add_world_parser
-
-    add_info_parser(subparsers)
-    add_demo_parser(subparsers)
-    add_invert_parser(subparsers)
-    add_encode_parser(subparsers)
-    add_export_parser(subparsers)
-    add_generate_parser(subparsers)
-    add_eval_parser(subparsers)
-    add_world_parser(subparsers)
-    add_serve_parser(subparsers)
+    for name, (module, function, help_text) in COMMANDS.items():
+        if commands is None or name in commands:
+            add_parser = getattr(importlib.import_module(f".{module}", __name__), function)
+            add_parser(subparsers)
+        else:
+            subparsers.add_parser(name, help=help_text)
     return parser
 
 
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The command named in argv (its first word that is not a flag), if it is one."""
+    word = next((a for a in argv if not a.startswith("-")), None)
+    return word if word in COMMANDS else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = _command_in(argv)
+    parser = build_parser([command] if command else [])
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_any", False):
         parser.parse_args(argv)  # argparse's own error for the unknown flags

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from ..errors import OnewordError
+from .commands import command_help
 
 DEMO_STEPS = 150  # short: the point is to see it work end to end in a few minutes
 
@@ -134,7 +135,7 @@ def run_demo(args) -> int:
 def add_demo_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="learn a token for a held-out concept of the built-in world and show it in new scenes",
+        help=command_help("demo"),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  oneword demo\n  oneword demo --concept teal-square-split --out runs/demo\n"

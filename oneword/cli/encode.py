@@ -15,6 +15,7 @@ from ..encoder.encode import (
     encode,
 )
 from ..errors import OnewordError
+from .commands import command_help
 from .common import add_image_limit_flags, add_model_argument, apply_image_limits
 from .config import add_config_flags, config_from_flags
 
@@ -72,7 +73,7 @@ def add_encode_parser(subparsers) -> argparse.ArgumentParser:
     defaults = EncodeConfig()
     parser = subparsers.add_parser(
         "encode",
-        help="a concept's token from a trained encoder in about a second, refined, with fallback",
+        help=command_help("encode"),
         description=encode_module.__doc__,
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,

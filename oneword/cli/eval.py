@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..evaluation import harness
 from ..evaluation.harness import METHODS, EvalConfig, evaluate
+from .commands import command_help
 from .common import add_model_argument
 from .config import add_config_flags, config_from_flags
 
@@ -44,7 +45,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     defaults = EvalConfig()
     parser = subparsers.add_parser(
         "eval",
-        help="compare token-learning methods on a concept suite (quality, speed, memory)",
+        help=command_help("eval"),
         description=harness.__doc__,
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..embeddings import FORMATS, export_embedding, load_embedding, usage_hint
+from .commands import command_help
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -21,7 +22,7 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     """Register `oneword export` on an argparse subparsers object."""
     parser = subparsers.add_parser(
         "export",
-        help="convert an embedding file to the A1111, ComfyUI, kohya, diffusers or oneword layout",
+        help=command_help("export"),
         description=(
             "Convert a textual-inversion embedding between layouts. The input format is "
             "detected from the file's content (safetensors, A1111 .pt, diffusers .bin, kohya, "

@@ -8,6 +8,7 @@ from pathlib import Path
 from .. import generate as generate_module
 from ..errors import OnewordError
 from ..generate import generate_with_embeddings, parse_embedding_arg
+from .commands import command_help
 from .common import add_model_argument
 
 EXAMPLES = """\
@@ -56,7 +57,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
 
     parser = subparsers.add_parser(
         "generate",
-        help="sample a grid of images with learned tokens (rows = prompts, columns = samples)",
+        help=command_help("generate"),
         description=generate_module.__doc__,
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from .commands import command_help
+
 
 def add_info_parser(subparsers) -> None:
     """Register `oneword info`."""
     parser = subparsers.add_parser(
         "info",
-        help="describe a model: family, widths, resolution, prediction type, vocabulary",
+        help=command_help("info"),
         epilog="example:\n  oneword info checkpoints/world\n  oneword info /models/sd15 --json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

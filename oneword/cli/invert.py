@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..errors import OnewordError
 from ..inversion.invert import ENCODER_CHOICES, ConceptSpec, InversionConfig
+from .commands import command_help
 from .common import add_image_limit_flags, add_model_argument, apply_image_limits
 from .config import add_config_flags, config_from_flags
 
@@ -39,7 +40,7 @@ def add_invert_parser(subparsers) -> argparse.ArgumentParser:
     defaults = InversionConfig()
     parser = subparsers.add_parser(
         "invert",
-        help="learn a new word for a concept from a few images (textual inversion)",
+        help=command_help("invert"),
         description=(
             "Classic textual inversion (Gal et al., 2023): optimise only the new token's "
             "embedding rows so the frozen model reconstructs the images from template prompts."

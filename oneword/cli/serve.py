@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from .commands import command_help
+
 EXAMPLES = """\
 examples:
   oneword serve                                  # the miniature world and its encoder
@@ -45,7 +47,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 
     parser = subparsers.add_parser(
         "serve",
-        help="a web page from images to a token file (Gradio), on this machine",
+        help=command_help("serve"),
         description="Serve a page to learn tokens from uploaded images, see them in new scenes, "
         "download them for diffusers, AUTOMATIC1111 and kohya, and try prompts with them.",
         epilog=EXAMPLES,

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from ..errors import OnewordError
+from .commands import command_help
 
 # The root script beside the package in a source checkout (absent from a wheel install).
 TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "train_world.py"
@@ -66,7 +67,7 @@ def add_world_parser(subparsers) -> None:
     """Register `oneword world` (train, suite, shards, fidelity)."""
     parser = subparsers.add_parser(
         "world",
-        help="the miniature world: train its models, write its data and concept suite",
+        help=command_help("world"),
         description="Train the miniature world (CLIP, VAE, oracle, UNet) or write its shards/suite.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG,
