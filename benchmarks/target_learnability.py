@@ -70,11 +70,9 @@ def one_hot(names: list[str]) -> torch.Tensor:
 def against_classic(args, model, tower, pooled, offsets, fit_penalty: float) -> dict:
     """Loss against classic's `--reference-steps` token on the concepts of `--against`'s eval
     runs, per start: mean and standard error over concepts."""
-    from safetensors import safe_open
-
     from oneword.datasets.suite import read_suite
     from oneword.encoder.model import class_word_rows, encode_concept, load_encoder
-    from oneword.evaluation.harness import _file_name
+    from oneword.evaluation.harness import read_classic_run
     from oneword.images import images_to_tensor, load_images
 
     encoders = {}
@@ -85,18 +83,12 @@ def against_classic(args, model, tower, pooled, offsets, fit_penalty: float) -> 
         encoders[name] = load_encoder(path)
     reference, starts = str(args.reference_steps), {}
     for concept in read_suite(args.suite):
-        kept = [
-            Path(run) / "progress" / "classic" / f"{_file_name(concept.name)}.safetensors"
-            for run in args.against
-        ]
-        kept = [p for p in kept if p.is_file()]
-        if not kept:
+        runs = (read_classic_run(Path(run) / "progress", concept.name) for run in args.against)
+        kept = next((k for k in runs if k is not None), None)
+        if kept is None or args.reference_steps not in kept["snapshots"]:
             continue
-        with safe_open(str(kept[0]), framework="pt") as f:
-            steps = sorted(int(k.split("/")[0]) for k in f.keys() if k.endswith("/0"))
-            if args.reference_steps not in steps:
-                continue
-            snapshots = {n: f.get_tensor(f"{n}/0")[0].float() for n in steps}
+        # the first text encoder's first vector at each kept step
+        snapshots = {n: rows[0][0].float() for n, (rows, _) in kept["snapshots"].items()}
         target = snapshots[int(reference)]
         c = class_word_rows(model, concept.class_word, 1)[0][0].float()
         images = load_images(concept.images, model.resolution)

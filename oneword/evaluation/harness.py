@@ -231,6 +231,29 @@ RESUME_KEYS: tuple[str, ...] = (
 )  # fmt: skip
 
 
+def classic_run_path(progress: Path, concept: str) -> Path:
+    """Where an evaluation's progress folder keeps `concept`'s shared classic run."""
+    return progress / "classic" / f"{_file_name(concept)}.safetensors"
+
+
+def read_classic_run(progress: str | os.PathLike, concept: str) -> dict | None:
+    """The classic run an evaluation kept for `concept` under its progress folder
+    (OUT/progress), or None: {"snapshots": {step: (rows per text encoder, seconds)},
+    "steps_done", "loss"}."""
+    from safetensors import safe_open
+
+    path = classic_run_path(Path(progress), concept)
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        log = json.loads(f.metadata()["log"])
+        snapshots = {
+            int(n): ([f.get_tensor(f"{n}/{i}") for i in range(log["encoders"])], at)
+            for n, at in log["seconds"].items()
+        }
+    return {"snapshots": snapshots, "steps_done": log["steps_done"], "loss": log["loss"]}
+
+
 class _Progress:
     """The finished (method, concept) rows of one evaluation, under OUT/progress/.
 
@@ -297,25 +320,14 @@ class _Progress:
         atomic_write_text(path, json.dumps(kept, indent=2) + "\n")  # last: marks it finished
 
     def _classic_path(self, concept: str) -> Path:
-        return self.folder / "classic" / f"{_file_name(concept)}.safetensors"
+        return classic_run_path(self.folder, concept)
 
     def classic_run(self, concept: str, steps: set[int]) -> dict | None:
         """A kept classic run of `concept` with a snapshot at every step of `steps`, or None."""
-        from safetensors import safe_open
-
-        path = self._classic_path(concept)
-        if not path.is_file():
-            return None
-        with safe_open(str(path), framework="pt") as f:
-            log = json.loads(f.metadata()["log"])
-            seconds = {int(k): v for k, v in log["seconds"].items()}
-            if not steps <= seconds.keys():
-                return None  # asked for other step counts than the kept run has
-            snapshots = {
-                n: ([f.get_tensor(f"{n}/{i}") for i in range(log["encoders"])], seconds[n])
-                for n in seconds
-            }
-        return {"snapshots": snapshots, "steps_done": log["steps_done"], "loss": log["loss"]}
+        kept = read_classic_run(self.folder, concept)
+        if kept is None or not steps <= kept["snapshots"].keys():
+            return None  # none, or asked for other step counts than the kept run has
+        return kept
 
     def save_classic_run(self, concept: str, run: dict) -> None:
         from safetensors.torch import save_file

@@ -377,6 +377,11 @@ def standard_error(method: dict, metric: str) -> float | None:
     """Standard error over concepts of a metric's mean (sample std / sqrt(n)); None with
     fewer than two concepts measured."""
     values = [r[metric] for r in method.get("per_concept", []) if r.get(metric) is not None]
+    return _standard_error(values)
+
+
+def _standard_error(values: list[float]) -> float | None:
+    """Sample std / sqrt(n) of the mean of `values`; None under two values."""
     if len(values) < 2:
         return None
     mean = sum(values) / len(values)
@@ -396,11 +401,7 @@ def paired_difference(a: dict, b: dict, metric: str) -> dict | None:
     ]
     if not both:
         return None
-    mean = sum(both) / len(both)
-    se = None
-    if len(both) > 1:
-        se = (sum((d - mean) ** 2 for d in both) / (len(both) - 1) / len(both)) ** 0.5
-    return {"mean": mean, "se": se, "n": len(both)}
+    return {"mean": sum(both) / len(both), "se": _standard_error(both), "n": len(both)}
 
 
 def _points(difference: dict | None) -> str:
