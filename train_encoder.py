@@ -736,6 +736,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         )
     if resume:
         ckpt.latest_checkpoint(checkpoints)  # fail before any work if there is nothing to resume
+    if is_main:  # a run killed while writing a checkpoint left its half-written folder
+        ckpt.remove_half_written(checkpoints)
     log = JsonLog(out / "log.jsonl", enabled=is_main)
     rank_log = JsonLog(out / "ranks" / f"rank-{rank}.jsonl", enabled=cfg.log_keys)
 

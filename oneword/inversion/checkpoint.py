@@ -59,6 +59,19 @@ def _remove_stale_temporaries(folder: Path) -> None:
             continue
 
 
+def remove_half_written(folder: str | Path) -> list[str]:
+    """Remove the hidden `.step-*` folders a killed run left while writing a checkpoint with
+    `io.atomic_dir`; call it only while owning `folder` (its run's out-folder lock), since
+    such a folder may be another live writer's. Returns the names removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = [p for p in folder.glob(".step-*") if p.is_dir()]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return [p.name for p in removed]
+
+
 def save_checkpoint(
     folder: str | Path, step: int, tensors: dict[str, torch.Tensor], state: dict
 ) -> Path:
