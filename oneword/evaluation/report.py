@@ -554,29 +554,40 @@ def _verdict(met: bool) -> str:
     return "met" if met else "**missed**"
 
 
-def encoder_target_lines(results: dict) -> list[str]:
-    """The encoder's targets checked against classic's plateau in this report: one line for
+def encoder_targets(results: dict) -> list[dict]:
+    """The encoder's targets checked against classic's plateau in this report: one entry for
     the encoder alone, one per refinement step count up to `REFINE_STEPS` and one per
-    encoder method the fallback check rated, each saying met or missed and by how much.
-    Empty without a plateau or encoder rows."""
+    encoder method the fallback check rated.
+
+    Returns:
+        [{"subject": "encoder alone" | LABEL | "fallback on LABEL", "checks": {name: met},
+        "line": the markdown line, saying met or missed and by how much}]; empty without a
+        plateau.
+    """
     methods = results["methods"]
     plateau = classic_plateau(methods)
     if plateau is None:
         return []
     best = methods[plateau["label"]]
-    lines = []
+    targets = []
     alone = methods.get("encoder")
     if alone and alone.get("identity") is not None and alone.get("seconds_per_concept") is not None:
         share = alone["identity"] / plateau["identity"] if plateau["identity"] else 0.0
         edit = paired_difference(alone, best, "editability")
-        edit_met = edit is not None and edit["mean"] >= 0
-        lines.append(
+        checks = {
+            "identity": share >= ALONE_SHARE,
+            "editability": edit is not None and edit["mean"] >= 0,
+            "seconds": alone["seconds_per_concept"] < ALONE_SECONDS,
+        }
+        line = (
             f"- encoder alone: identity {100 * share:.0f}% of the plateau's (target >= "
-            f"{100 * ALONE_SHARE:.0f}%: {_verdict(share >= ALONE_SHARE)}); editability "
-            f"{_points(edit)} points against the plateau's (target >= 0: {_verdict(edit_met)}); "
+            f"{100 * ALONE_SHARE:.0f}%: {_verdict(checks['identity'])}); editability "
+            f"{_points(edit)} points against the plateau's (target >= 0: "
+            f"{_verdict(checks['editability'])}); "
             f"{_format(alone['seconds_per_concept'], 'seconds')} s per concept (target < "
-            f"{ALONE_SECONDS:g} s: {_verdict(alone['seconds_per_concept'] < ALONE_SECONDS)})"
+            f"{ALONE_SECONDS:g} s: {_verdict(checks['seconds'])})"
         )
+        targets.append({"subject": "encoder alone", "checks": checks, "line": line})
     refined = sorted(
         (m["steps"], label, m)
         for label, m in methods.items()
@@ -586,37 +597,117 @@ def encoder_target_lines(results: dict) -> list[str]:
         and m.get("seconds_per_concept")
     )
     for _, label, method in refined:
-        checks = []
+        checks, parts = {}, []
         for metric in ("identity", "editability"):
             d = paired_difference(method, best, metric)
-            met = d is not None and d["mean"] >= -(d["se"] or 0.0)
-            checks.append(f"{metric} {_points(d)} points ({_verdict(met)})")
+            checks[metric] = d is not None and d["mean"] >= -(d["se"] or 0.0)
+            parts.append(f"{metric} {_points(d)} points ({_verdict(checks[metric])})")
         speedup = plateau["seconds"] / method["seconds_per_concept"]
-        lines.append(
+        checks["speed"] = speedup >= SPEEDUP
+        line = (
             f"- {label}: against the plateau, paired (target >= minus one standard error): "
-            f"{', '.join(checks)}; {speedup:.1f}x less time than classic needed to first reach "
-            f"it (target >= {SPEEDUP:g}x: {_verdict(speedup >= SPEEDUP)})"
+            f"{', '.join(parts)}; {speedup:.1f}x less time than classic needed to first reach "
+            f"it (target >= {SPEEDUP:g}x: {_verdict(checks['speed'])})"
         )
+        targets.append({"subject": label, "checks": checks, "line": line})
     for label, method in methods.items():
         rates = method.get("fallback")
         if not rates or not label.startswith("encoder"):
             continue
         caught = rates["wrong_flagged"] / rates["wrong"] if rates["wrong"] else None
         spared = rates["right_flagged"] / rates["right"] if rates["right"] else None
-        lines.append(
+        checks = {
+            "wrong sent on": caught is not None and caught >= CATCH,
+            "right sent on": spared is None or spared <= SPARE,
+        }
+        line = (
             f"- the fallback check on {label}'s tokens (threshold {rates['threshold']:g}): "
             f"sends {_share(rates['wrong_flagged'], rates['wrong'])} of the wrong concepts "
-            f"(target >= {100 * CATCH:.0f}%: {_verdict(caught is not None and caught >= CATCH)}) "
-            f"and {_share(rates['right_flagged'], rates['right'])} of the right ones (target <= "
-            f"{100 * SPARE:.0f}%: {_verdict(spared is None or spared <= SPARE)})"
+            f"(target >= {100 * CATCH:.0f}%: {_verdict(checks['wrong sent on'])}) and "
+            f"{_share(rates['right_flagged'], rates['right'])} of the right ones (target <= "
+            f"{100 * SPARE:.0f}%: {_verdict(checks['right sent on'])})"
         )
-    if not lines:
+        targets.append({"subject": f"fallback on {label}", "checks": checks, "line": line})
+    return targets
+
+
+def encoder_target_lines(results: dict) -> list[str]:
+    """`encoder_targets` as a markdown section; empty without a plateau or encoder rows."""
+    targets = encoder_targets(results)
+    if not targets:
         return []
+    plateau = classic_plateau(results["methods"])
     return [
         "",
         f"The encoder's targets against classic's plateau ({plateau['label']}):",
         "",
-    ] + lines
+    ] + [target["line"] for target in targets]
+
+
+def _between(first: dict | None, second: dict | None) -> tuple[str, bool | None]:
+    """Second minus first, two independent estimates: "+2.1 ± 3.0" (points; the standard
+    errors added in quadrature) and whether it lies within two standard errors of zero."""
+    if first is None or second is None:
+        return "–", None
+    se = math.hypot(first["se"] or 0.0, second["se"] or 0.0)
+    difference = {"mean": second["mean"] - first["mean"], "se": se}
+    return _points(difference), abs(difference["mean"]) <= 2 * se
+
+
+def draw_agreement_lines(first: dict, second: dict, names: tuple[str, str]) -> list[str]:
+    """Do two draws of the same benchmark (suites and samples of different seeds) lead to the
+    same conclusions? For every method both scored: its identity and editability minus
+    classic's plateau in each draw (paired over concepts, the quantities the targets read)
+    and the change between the draws, within two standard errors or not; then every target
+    of `encoder_targets`, met or missed in each.
+
+    Args:
+        first, second: two `oneword eval` results (results.json) with classic rows.
+        names: what to call them ("seed 0", "seed 1").
+    """
+    plateaus = [classic_plateau(r["methods"]) for r in (first, second)]
+    if None in plateaus:
+        return []
+    a, b = names
+    lines = [
+        f"Classic's plateau: {plateaus[0]['label']} in {a} "
+        f"({_format(plateaus[0]['identity'], 'percent')} identity, "
+        f"{_format(plateaus[0]['seconds'], 'seconds')} s), {plateaus[1]['label']} in {b} "
+        f"({_format(plateaus[1]['identity'], 'percent')}, "
+        f"{_format(plateaus[1]['seconds'], 'seconds')} s). Points against each draw's own "
+        f"plateau, paired over concepts; {b} - {a} with the two standard errors added in "
+        "quadrature; agrees: within two standard errors.",
+        "",
+        f"| method | identity: {a} | {b} | {b} - {a} | agrees | editability: {a} | {b} | "
+        f"{b} - {a} | agrees |",
+        "|---|---:|---:|---:|:-:|---:|---:|---:|:-:|",
+    ]
+    bests = [r["methods"][p["label"]] for r, p in zip((first, second), plateaus, strict=True)]
+    agree = {True: "yes", False: "**no**", None: "–"}
+    for label in [m for m in first["methods"] if m in second["methods"]]:
+        cells = []
+        for metric in ("identity", "editability"):
+            d = [
+                paired_difference(r["methods"][label], best, metric)
+                for r, best in zip((first, second), bests, strict=True)
+            ]
+            change, within = _between(*d)
+            cells += [_points(d[0]), _points(d[1]), change, agree[within]]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    targets = [{t["subject"]: t["checks"] for t in encoder_targets(r)} for r in (first, second)]
+    both = [s for s in targets[0] if s in targets[1]]
+    if both:
+        lines += ["", f"| target | check | {a} | {b} | same verdict |", "|---|---|---|---|:-:|"]
+        for subject in both:
+            for check, met in targets[0][subject].items():
+                other = targets[1][subject].get(check)
+                if other is None:
+                    continue
+                lines.append(
+                    f"| {subject} | {check} | {_verdict(met)} | {_verdict(other)} | "
+                    f"{agree[met == other]} |"
+                )
+    return lines
 
 
 def plot_quality_time(results: dict, path: str | Path) -> Path | None:

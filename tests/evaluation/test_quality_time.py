@@ -9,7 +9,9 @@ from PIL import Image
 from oneword.evaluation.report import (
     choose_threshold,
     classic_plateau,
+    draw_agreement_lines,
     encoder_target_lines,
+    encoder_targets,
     format_table,
     paired_difference,
     plot_quality_time,
@@ -156,6 +158,56 @@ def test_the_encoder_targets_say_met_or_missed_by_how_much():
     assert not any("refine:50" in line for line in encoder_target_lines(results))
     only_classic = {k: v for k, v in methods.items() if k.startswith("classic")}
     assert encoder_target_lines({**results, "methods": only_classic}) == []
+
+
+def test_two_draws_agree_or_not_within_two_standard_errors(tmp_path):
+    import copy
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    first = _results()
+    second = copy.deepcopy(first)
+    methods = second["methods"]
+    # The second draw: the same plateau (classic:100, 0.5); the encoder alone 0.25 lower on
+    # every concept against it; refinement's identity the same against the plateau.
+    methods["encoder"] = _method("encoder", [0.0, 0.0, 0.25, 0.25], 0.05, 0.3)
+    lines = draw_agreement_lines(first, second, ("seed 0", "seed 1"))
+    assert lines[0].startswith("Classic's plateau: classic:100 in seed 0 (50.0% identity")
+    row = {}  # the first table's rows (the verdicts' table starts with the same labels)
+    for line in lines:
+        if line.startswith("| "):
+            row.setdefault(line.split(" | ")[0][2:], line)
+    # identity vs plateau: seed 0 -12.5 ± 7.2 (differences -.25 -.25 0 0), seed 1 -37.5 ±
+    # 7.2; change -25.0 ± 10.2 (quadrature): outside two standard errors.
+    assert "| -12.5 ± 7.2 | -37.5 ± 7.2 | -25.0 ± 10.2 | **no** |" in row["encoder"]
+    assert row["encoder+refine:10"].count("| yes |") == 2
+    assert row["classic:100"].startswith("| classic:100 | +0.0 ± 0.0 | +0.0 ± 0.0 | +0.0 ± 0.0 |")
+    # The targets: 75% -> 38% of the plateau's identity, missed in both (same verdict).
+    verdicts = [line for line in lines if line.startswith("| encoder alone |")]
+    assert "| encoder alone | identity | **missed** | **missed** | yes |" in verdicts
+    assert len(verdicts) == 3  # identity, editability, seconds
+    checks = {t["subject"]: t["checks"] for t in encoder_targets(first)}
+    assert checks["encoder+refine:10"] == {"identity": True, "editability": True, "speed": True}
+    # A draw without classic rows says nothing.
+    bare = {**second, "methods": {"encoder": methods["encoder"]}}
+    assert draw_agreement_lines(first, bare, ("a", "b")) == []
+    # The script: two report folders in, one markdown section out.
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "compare_draws.py"
+    spec = importlib.util.spec_from_file_location("compare_draws", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for name, results in (("a", first), ("b", second)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+    out = tmp_path / "draws.md"
+    argv = [str(tmp_path / "a"), str(tmp_path / "b"), "--names", "seed 0", "seed 1"]
+    assert script.main([*argv, "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("# Two draws: seed 0 and seed 1") and row["encoder"] in text
+    (tmp_path / "b" / "results.json").write_text("[]")
+    with pytest.raises(SystemExit, match="is not an `oneword eval` results.json"):
+        script.main(argv)
 
 
 def _scored(pairs: list[tuple[float, float]]) -> list[dict]:
