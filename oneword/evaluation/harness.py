@@ -269,6 +269,19 @@ class _Progress:
         run_file = folder / "run.json"
         if resume and run_file.is_file():
             stored = json.loads(run_file.read_text())
+            # A checkpoint that one of the two runs did not use (None: no encoder method)
+            # made no rows in it, so it is not compared; the digest stays on record for a
+            # later resume that uses it.
+            if isinstance(stored.get("checkpoints"), dict) and settings.get("checkpoints"):
+                now, before = settings["checkpoints"], stored["checkpoints"]
+                known = {
+                    k: now.get(k) if now.get(k) is not None else before.get(k)
+                    for k in {*now, *before}
+                }
+                settings["checkpoints"] = known
+                stored["checkpoints"] = {
+                    k: v if v is not None else known[k] for k, v in before.items()
+                }
             # A key an older oneword did not store (the checkpoints' digests) is not compared.
             differs = [k for k in RESUME_KEYS if k in stored and stored[k] != settings.get(k)]
             if differs:

@@ -627,13 +627,19 @@ def test_resume_refuses_rows_of_an_encoder_since_replaced(
     save_file(tensors, str(encoder), metadata=metadata)
     with pytest.raises(OnewordError, match=r"--resume: .*checkpoints: "):
         evaluate(str(tiny_world_dir), world_suite, config, tmp_path / "e", resume=True)
+    # A resume without encoder methods makes no encoder rows: it goes on, and the digest of
+    # the encoder the kept rows came from stays on record, so its rows stay guarded.
+    classword = replace(config, methods=("classword",))
+    evaluate(str(tiny_world_dir), world_suite, classword, tmp_path / "e", resume=True)
+    with pytest.raises(OnewordError, match=r"--resume: .*checkpoints: "):
+        evaluate(str(tiny_world_dir), world_suite, config, tmp_path / "e", resume=True)
     # A run stored by a oneword that did not record the digests resumes as before.
     run_file = tmp_path / "e" / "progress" / "run.json"
     stored = json.loads(run_file.read_text())
     del stored["checkpoints"]
     run_file.write_text(json.dumps(stored))
     older = evaluate(str(tiny_world_dir), world_suite, config, tmp_path / "e", resume=True)
-    assert older["resumed_rows"] == 1
+    assert older["resumed_rows"] == 2  # the encoder's row and the class word's
 
 
 @pytest.mark.slow
