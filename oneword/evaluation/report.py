@@ -724,6 +724,9 @@ def plot_quality_time(results: dict, path: str | Path) -> Path | None:
         for label, m in results["methods"].items()
         if m.get("seconds_per_concept") and m.get("identity") is not None
     }
+    # The class word learns nothing: its microseconds would stretch the log axis over five
+    # decades, so it is a floor line, not a point.
+    floor = methods.pop("classword", None)
     if not methods:
         return None
     plateau = classic_plateau(methods)
@@ -745,6 +748,8 @@ def plot_quality_time(results: dict, path: str | Path) -> Path | None:
         if plateau is not None and plateau.get(metric) is not None:
             ax.axhline(plateau[metric], color="grey", ls="--", lw=1, label="classic's plateau")
             ax.axvline(plateau["seconds"], color="grey", ls=":", lw=1)
+        if floor is not None and floor.get(metric) is not None:
+            ax.axhline(floor[metric], color="black", ls="-.", lw=0.8, label="the class word")
         ax.set_xscale("log")
         ax.set_xlabel("seconds per concept (log)")
         ax.set_ylabel(f"{metric} (oracle)")
