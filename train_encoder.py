@@ -25,7 +25,10 @@ only (features computed once and cached): no UNet, no VAE in the loop. With --re
 text the two are compared after the frozen text encoder instead, on one template prompt per
 target: ||h(v) - h(v*)||^2 / ||h(c) - h(v*)||^2 (1 = no better than the class word); start it
 from a rows run (--init-encoder): from the class word, a fresh head first runs to its offset
-bound. --objective mix adds
+bound. With --regress-space unet they are compared through the frozen UNet, on M (--targets)
+of the target's own images at a random timestep: sum ||eps(v) - eps(v*)||^2 / sum ||eps(c) -
+eps(v*)||^2, the denoising loss without the noise's variance (three UNet forwards, one
+backward). --objective mix adds
 regress_weight times it to the denoising loss. --init-encoder starts from an encoder file
 (e.g. a regression run, then the denoising loss). The plan and commands for the world:
 docs/encoder-plan.md. Validation (and every choice) is on the world's validation split,
@@ -209,8 +212,10 @@ class TrainConfig:
             raise OnewordError(
                 f"--objective {self.objective} needs --target-table (made by make_targets.py)"
             )
-        if self.regress_space not in ("rows", "text"):
-            raise OnewordError(f"--regress-space must be rows or text, got {self.regress_space!r}")
+        if self.regress_space not in ("rows", "text", "unet"):
+            raise OnewordError(
+                f"--regress-space must be rows, text or unet, got {self.regress_space!r}"
+            )
         names = ("reg_weight", "distill_weight", "weight_decay", "max_grad_norm", "warmup")
         for name in names + ("regress_weight",):
             if not getattr(self, name) >= 0:
@@ -459,6 +464,57 @@ def text_space_regression(
         target = hidden(targets)  # (B, n, d)
         scale = (hidden(class_rows) - target).pow(2).sum((1, 2)).clamp_min(1e-12)  # (B,)
     return ((hidden(predicted) - target).pow(2).sum((1, 2)) / scale).mean()
+
+
+def unet_space_regression(
+    model,
+    slots,
+    predicted: list[torch.Tensor],
+    targets: list[torch.Tensor],
+    class_rows: list[torch.Tensor],
+    latents: torch.Tensor,
+    templates: list[str],
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """The regression loss in the UNet's output space: the frozen UNet's prediction with the
+    predicted rows against its prediction with the target rows, on the same noisy latents.
+
+    The denoising loss compares the prediction with the noise, whose variance dwarfs what
+    the word changes (on the world the loss moves by ~0.001 between good and bad tokens);
+    comparing two predictions removes that variance, and weighs each direction of the
+    embedding by what the UNet reads (a Fisher-like metric), which the rows metric does not.
+    The loss is sum ||eps(v) - eps(v*)||^2 / sum ||eps(c) - eps(v*)||^2 over the batch, so
+    1 is "no better than the class word".
+
+    Args:
+        model: the `LoadedModel` with the slots added.
+        slots: B placeholders, one per target.
+        predicted, targets, class_rows: per text encoder (B, K, d_e) rows.
+        latents: (B M, c, h, w) scaled clean latents of M images per target, target-major.
+        templates: prompt templates with one {}.
+        generator: draws templates, timesteps and noise.
+
+    Returns:
+        A scalar with the predicted rows' autograd history.
+    """
+    views = len(latents) // len(slots)
+    timesteps = draw_timesteps(model, len(latents), generator).to(model.device)
+    noise = torch.randn(latents.shape, generator=generator).to(model.device)
+    choices = torch.randint(len(templates), (len(latents),), generator=generator).tolist()
+    prompts = [
+        expand_prompt(fill(templates[choices[b * views + m]], slots[b].token), [slots[b]])
+        for b in range(len(slots))
+        for m in range(views)
+    ]
+
+    def prediction(rows):
+        embeds = encode_prompts(with_placeholder_rows(model, slots, rows), prompts)
+        return denoising_loss(model, latents, embeds, noise, timesteps).prediction.float()
+
+    with torch.no_grad():
+        target = prediction(targets)
+        scale = (prediction(class_rows) - target).pow(2).sum().clamp_min(1e-12)
+    return (prediction(predicted) - target).pow(2).sum() / scale
 
 
 def target_reach(
@@ -1084,6 +1140,25 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                         templates,
                         generator,
                     )
+                elif picks is not None and cfg.regress_space == "unet":
+                    # 10b. Regression onto the classic targets through the frozen UNet:
+                    # its prediction with the predicted rows against with the target rows,
+                    # on M of the images each target was learned from.
+                    mean, std = regression.latents(picks, cfg.targets, generator)
+                    latents = scale_latents(
+                        model,
+                        mean + std * torch.randn(mean.shape, generator=generator).to(mean.device),
+                    )  # (B M, c, h, w)
+                    loss_regress = unet_space_regression(
+                        model,
+                        slots[: len(picks)],
+                        [r[count:] for r in both.rows],
+                        [r[picks] for r in regression.rows],
+                        [c[count:] for c in both.class_rows],
+                        latents,
+                        templates,
+                        generator,
+                    )
                 elif picks is not None:
                     # 10b. Regression onto the classic targets, no UNet:
                     # mean_k ||v_k - v*_k||^2 / ||c_k||^2, as the distillation term.
@@ -1143,8 +1218,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                 "images_per_s": images_per_step / seconds,
                 "unet_samples_per_s": (
                     world_size * cfg.grad_accum * cfg.batch * cfg.targets / seconds
-                    if stream
-                    else 0.0  # regression alone: no UNet
+                    if stream or cfg.regress_space == "unet"
+                    else 0.0  # regression in rows or text space: no UNet
                 ),
                 "skipped_steps": stats["skipped_steps"],
                 "data": batch["stats"] if batch is not None else None,
@@ -1266,7 +1341,8 @@ HELP = {
     "objective": "denoise (through the frozen UNet), regress (onto --target-table, no UNet) or mix",
     "target_table": "make_targets.py's target table (its --out folder or targets.safetensors)",
     "regress_weight": "weight of the regression term with --objective mix",
-    "regress_space": "rows (the embeddings) or text (the text encoder's output for a prompt)",
+    "regress_space": "rows (the embeddings), text (the text encoder's output for a prompt) or "
+    "unet (the UNet's prediction on the target's images: M = --targets views, 3 forwards)",
     "init_encoder": "start the head from this encoder file (same shape), e.g. a regression run's",
     "steps": "optimizer steps in all (a resumed run continues to this count)",
     "lr": "AdamW learning rate",

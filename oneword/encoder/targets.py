@@ -687,20 +687,48 @@ class TargetRegression:
         self.images = int(table.settings["images"])
         self.rows = [r.to(device) for r in table.rows]  # per encoder (N, K, d)
         self._features: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._latents: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _pixels(self, index: int) -> tuple[torch.Tensor, list[str]]:
+        from ..datasets.suite import concept_image_set
+
+        name, image_set = self.table.names[index], int(self.table.image_sets[index])
+        _, pixels = concept_image_set(
+            identity_from_name(name), self.images, image_set, self.resolution
+        )  # (n, 3, H, W) uint8
+        return pixels, [f"target:{name}@{image_set}:{k}" for k in range(self.images)]
 
     def features(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Target `index`'s images -> pooled (n, p) and tokens (n, t, w), fp32 on the CPU."""
-        from ..datasets.suite import concept_image_set
-
         if index not in self._features:
-            name, image_set = self.table.names[index], int(self.table.image_sets[index])
-            _, pixels = concept_image_set(
-                identity_from_name(name), self.images, image_set, self.resolution
-            )  # (n, 3, H, W) uint8
-            keys = [f"target:{name}@{image_set}:{k}" for k in range(self.images)]
+            pixels, keys = self._pixels(index)
             pooled, tokens = self.featurizer.features(pixels, keys, [True] * self.images)
             self._features[index] = (pooled.float().cpu(), tokens.float().cpu())
         return self._features[index]
+
+    def latents(
+        self, picks: list[int], views: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """VAE posterior mean and std of `views` random images of each picked target (the
+        images it was learned from), each (len(picks) * views, c, h, w) fp32 on `device`,
+        target-major. Computed on first use per target and kept on the CPU."""
+        if views > self.images:
+            raise OnewordError(
+                f"--targets {views} is more than the {self.images} images each target was "
+                "learned from"
+            )
+        means, stds = [], []
+        for index in picks:
+            if index not in self._latents:
+                pixels, keys = self._pixels(index)
+                mean, std = self.featurizer.latent_distribution(
+                    pixels, keys, [True] * self.images
+                )
+                self._latents[index] = (mean.float().cpu(), std.float().cpu())
+            chosen = torch.randperm(self.images, generator=generator)[:views]
+            means.append(self._latents[index][0][chosen])
+            stds.append(self._latents[index][1][chosen])
+        return torch.cat(means).to(self.device), torch.cat(stds).to(self.device)
 
     def batch(
         self, size: int, references: int, generator: torch.Generator
