@@ -721,9 +721,7 @@ class TargetRegression:
         for index in picks:
             if index not in self._latents:
                 pixels, keys = self._pixels(index)
-                mean, std = self.featurizer.latent_distribution(
-                    pixels, keys, [True] * self.images
-                )
+                mean, std = self.featurizer.latent_distribution(pixels, keys, [True] * self.images)
                 self._latents[index] = (mean.float().cpu(), std.float().cpu())
             chosen = torch.randperm(self.images, generator=generator)[:views]
             means.append(self._latents[index][0][chosen])
