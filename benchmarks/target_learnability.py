@@ -23,6 +23,9 @@ classic:...`) it also measures, on those runs' concepts (validation, never fitte
 loss against classic's token at `--reference-steps` for the class word, classic's own earlier
 snapshots, ridge fitted on every target of the table, and each `--encoder NAME=PATH`: how
 close each start lies to where classic goes, to set beside the identity `oneword eval` reads.
+`--space unet` measures it through the UNet instead (`oneword.encoder.losses`: its prediction
+with v against with classic's token, on the concept's own images, the same `--draws` for
+every start; 1 = the class word).
 
     python benchmarks/target_learnability.py --model checkpoints/world --targets runs/targets
     python benchmarks/target_learnability.py --targets runs/targets \
@@ -67,6 +70,40 @@ def one_hot(names: list[str]) -> torch.Tensor:
     return torch.tensor([[float(p[j] == v) for j in range(3) for v in values[j]] for p in parts])
 
 
+PAIRED_STEPS = 10
+
+
+def unet_metric(model, images, target: torch.Tensor, c: torch.Tensor, draws: int, name: str):
+    """v (d,) -> the UNet-space regression loss of v against `target` (1 at the class word c)
+    on the concept's images: the same `draws` (image, template, t, noise) for every v."""
+    from oneword.encoder.losses import unet_space_regression
+    from oneword.images import images_to_tensor
+    from oneword.inversion.objective import scale_latents
+    from oneword.inversion.templates import load_templates
+    from oneword.tokens import add_placeholder
+
+    slot = f"<oneword-against-{len(model.tokenizers[0])}>"
+    slot = add_placeholder(model, slot, "object", 1, init_rows=[torch.zeros(1, len(c))])
+    with torch.no_grad():
+        pixels = images_to_tensor(images).to(model.device, model.dtype)
+        latents = scale_latents(model, model.vae.encode(pixels).latent_dist.mean.float())
+    pick = torch.arange(draws) % len(latents)
+    templates = load_templates("object")
+    seed = int.from_bytes(name.encode()[:6], "little")
+
+    def loss(v: torch.Tensor) -> float:
+        generator = torch.Generator().manual_seed(seed)
+        rows = [x[None, None] for x in (v, target, c)]  # (1, K=1, d) each
+        with torch.no_grad():
+            return float(
+                unet_space_regression(
+                    model, [slot], *map(lambda r: [r], rows), latents[pick], templates, generator
+                )
+            )
+
+    return loss
+
+
 def against_classic(args, model, tower, pooled, offsets, fit_penalty: float) -> dict:
     """Loss against classic's `--reference-steps` token on the concepts of `--against`'s eval
     runs, per start: mean and standard error over concepts."""
@@ -102,20 +139,34 @@ def against_classic(args, model, tower, pooled, offsets, fit_penalty: float) -> 
         for name, encoder in encoders.items():
             token = encode_concept(encoder, model, images, "<x>", concept.class_word, tower=tower)
             start[f"encoder {name}"] = token.vectors[0][0].float()
+        if args.space == "unet":
+            unet_loss = unet_metric(model, images, target, c, args.draws, concept.name)
         for name, v in start.items():
-            loss = float((v - target).pow(2).sum() / c.pow(2).sum())
+            if args.space == "unet":
+                loss = unet_loss(v)
+            else:
+                loss = float((v - target).pow(2).sum() / c.pow(2).sum())
             starts.setdefault(name, []).append(loss)
     if not starts:
         raise SystemExit(
             f"--against: no kept classic run with a {reference}-step snapshot for a concept of "
             f"{args.suite}"
         )
-    out = {"reference": f"classic:{reference}", "concepts": len(starts["class word"])}
+    out = {
+        "reference": f"classic:{reference}",
+        "space": args.space,
+        "concepts": len(starts["class word"]),
+    }
+    # Paired over concepts against classic's 10-step snapshot (the equal-quality question:
+    # is a start closer than 10 steps of classic?); the spread between concepts is large.
+    base = torch.tensor(starts.get(f"classic:{PAIRED_STEPS}", starts["class word"]))
     for name, losses in starts.items():
         x = torch.tensor(losses)
         out[name] = {
             "loss": round(float(x.mean()), 4),
             "stderr": round(float(x.std() / len(x) ** 0.5), 4),
+            "minus_classic_10": round(float((x - base).mean()), 4),
+            "minus_classic_10_stderr": round(float((x - base).std() / len(x) ** 0.5), 4),
         }
     return out
 
@@ -131,6 +182,15 @@ def main(argv: list[str] | None = None) -> int:
         "--against", nargs="*", default=[], help="eval run folders with kept classic runs"
     )
     parser.add_argument("--suite", help="the suite those eval runs scored (with --against)")
+    parser.add_argument(
+        "--space",
+        choices=("rows", "unet"),
+        default="rows",
+        help="--against's metric: rows (||v - v*||^2 / ||c||^2) or unet (the UNet's prediction)",
+    )
+    parser.add_argument(
+        "--draws", type=int, default=32, help="--space unet: (image, t, noise) draws per concept"
+    )
     parser.add_argument(
         "--reference-steps", type=int, default=100, help="classic's snapshot to measure against"
     )
