@@ -329,3 +329,26 @@ def test_regression_onto_the_target_table_reduces_its_loss(tiny_world_dir, tmp_p
     assert _run(tiny_world_dir, tmp_path / "bad", "--objective", "regress") == 2
     extra = ["--init-encoder", str(out / "encoder.safetensors"), "--dim", "16", "--steps", "1"]
     assert _run(tiny_world_dir, tmp_path / "bad2", *extra) == 2
+
+
+def test_a_checkpoint_written_as_an_encoder_file_matches_the_run(tiny_world_dir, tmp_path):
+    from oneword.encoder.model import load_encoder
+
+    out = tmp_path / "run"
+    extra = ["--steps", "2", "--checkpoint-every", "1", "--keep-checkpoints", "5"]
+    assert _run(tiny_world_dir, out, *extra, "--val-every", "100", "--lr", "1e-2") == 0
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "encoder_from_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("encoder_from_checkpoint", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    final = load_encoder(out / "encoder.safetensors").state_dict()
+    for step, same in ((None, True), (2, True), (1, False)):
+        file = tmp_path / f"step-{step}.safetensors"
+        argv = [str(out), "--out", str(file)] + ([] if step is None else ["--step", str(step)])
+        assert script.main(argv) == 0
+        written = load_encoder(file)
+        assert written.metadata["step"] == str(step or 2)
+        equal = all(torch.equal(written.state_dict()[k], v) for k, v in final.items())
+        assert equal == same, step
+    assert script.main([str(out), "--step", "7", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert not (tmp_path / "x.safetensors").exists()
