@@ -27,6 +27,9 @@ BATCH_CONCEPTS=${BATCH_CONCEPTS:-64}
 REGRESS_STEPS=${REGRESS_STEPS:-4000}
 DENOISE_STEPS=${DENOISE_STEPS:-2000}
 DENOISE_BATCH=${DENOISE_BATCH:-32}
+# The offset term pulls a regressed start back to the class word under the denoising loss;
+# validation chose none (docs/encoder-plan.md, round 5).
+REG_WEIGHT=${REG_WEIGHT:-0}
 CONCEPTS=${CONCEPTS:-24}
 SAMPLES=${SAMPLES:-4}
 EVAL_STEPS=${EVAL_STEPS:-30}
@@ -57,7 +60,7 @@ timed regress "$PYTHON" train_encoder.py "${common[@]}" --out "$OUT/regress" \
     --warmup 200 --lr 1e-3
 timed denoise "$PYTHON" train_encoder.py "${common[@]}" --out "$OUT/denoise" \
     --init-encoder "$OUT/regress/encoder.safetensors" --steps "$DENOISE_STEPS" \
-    --batch "$DENOISE_BATCH" --warmup 50 --lr 1e-4
+    --batch "$DENOISE_BATCH" --warmup 50 --lr 1e-4 --reg-weight "$REG_WEIGHT"
 
 # 4. Validation.
 SUITE=$OUT/suite-validation
