@@ -99,7 +99,11 @@ from tqdm.auto import tqdm
 
 from oneword.encoder.data import NEVER_TRAIN_NAMES, make_source, mix_seed
 from oneword.encoder.features import FeatureCache, Featurizer, load_tower
-from oneword.encoder.losses import text_space_regression, unet_space_regression
+from oneword.encoder.losses import (
+    denoising_draws,
+    text_space_regression,
+    unet_space_regression,
+)
 from oneword.encoder.model import (
     ConceptEncoder,
     EncoderConfig,
@@ -754,6 +758,12 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     distill_targets = load_distill_targets(cfg, model)
     class_rows_cache: dict[str, list[torch.Tensor]] = {}
 
+    def sample_latents(mean, std, generator) -> torch.Tensor:
+        """A draw from the VAE posterior, scaled for the denoiser (SD3/FLUX: (z - shift) *
+        scale, 16 channels)."""
+        noise = torch.randn(mean.shape, generator=generator).to(mean.device)
+        return scale_latents(model, mean + std * noise)
+
     def class_rows_of(word: str) -> list[torch.Tensor]:
         if word not in class_rows_cache:
             class_rows_cache[word] = [
@@ -1005,23 +1015,10 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                     generator = torch.Generator().manual_seed(
                         mix_seed("step", cfg.seed, rank, step, micro)
                     )
-                    latents = scale_latents(
-                        model,
-                        mean + std * torch.randn(mean.shape, generator=generator).to(mean.device),
-                    )  # (B M, c, h, w); SD3/FLUX: (z - shift) * scale, 16 channels
-                    timesteps = draw_timesteps(model, len(latents), generator).to(model.device)
-                    noise = torch.randn(mean.shape, generator=generator).to(model.device)
-                    choices = torch.randint(
-                        len(templates), (len(latents),), generator=generator
-                    ).tolist()
-                    prompts = [
-                        expand_prompt(
-                            fill(templates[choices[b * cfg.targets + m]], slots[b].token),
-                            [slots[b]],
-                        )
-                        for b in range(count)
-                        for m in range(cfg.targets)
-                    ]
+                    latents = sample_latents(mean, std, generator)  # (B M, c, h, w)
+                    timesteps, noise, prompts = denoising_draws(
+                        model, slots[:count], latents, templates, generator
+                    )
                     view = with_placeholder_rows(model, slots[:count], output.rows)
                     denoise = denoising_loss(
                         model, latents, encode_prompts(view, prompts), noise, timesteps
@@ -1059,10 +1056,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                     # its prediction with the predicted rows against with the target rows,
                     # on M of the images each target was learned from.
                     mean, std = regression.latents(picks, cfg.targets, generator)
-                    latents = scale_latents(
-                        model,
-                        mean + std * torch.randn(mean.shape, generator=generator).to(mean.device),
-                    )  # (B M, c, h, w)
+                    latents = sample_latents(mean, std, generator)  # (B M, c, h, w)
                     loss_regress = unet_space_regression(
                         model,
                         slots[: len(picks)],

@@ -75,8 +75,9 @@ PAIRED_STEPS = 10
 
 def unet_metric(model, images, target: torch.Tensor, c: torch.Tensor, draws: int, name: str):
     """v (d,) -> the UNet-space regression loss of v against `target` (1 at the class word c)
-    on the concept's images: the same `draws` (image, template, t, noise) for every v."""
-    from oneword.encoder.losses import unet_space_regression
+    on the concept's images: the same `draws` (image, template, t, noise) for every v, and
+    the target's and class word's predictions computed once for all of them."""
+    from oneword.encoder.losses import unet_predictor
     from oneword.images import images_to_tensor
     from oneword.inversion.objective import scale_latents
     from oneword.inversion.templates import load_templates
@@ -88,18 +89,19 @@ def unet_metric(model, images, target: torch.Tensor, c: torch.Tensor, draws: int
         pixels = images_to_tensor(images).to(model.device, model.dtype)
         latents = scale_latents(model, model.vae.encode(pixels).latent_dist.mean.float())
     pick = torch.arange(draws) % len(latents)
-    templates = load_templates("object")
-    seed = int.from_bytes(name.encode()[:6], "little")
+    generator = torch.Generator().manual_seed(int.from_bytes(name.encode()[:6], "little"))
+    prediction = unet_predictor(model, [slot], latents[pick], load_templates("object"), generator)
+
+    def predict(v: torch.Tensor) -> torch.Tensor:
+        return prediction([v[None, None]])  # one concept, K = 1
+
+    with torch.no_grad():
+        reference = predict(target)
+        scale = (predict(c) - reference).pow(2).sum().clamp_min(1e-12)
 
     def loss(v: torch.Tensor) -> float:
-        generator = torch.Generator().manual_seed(seed)
-        rows = [x[None, None] for x in (v, target, c)]  # (1, K=1, d) each
         with torch.no_grad():
-            return float(
-                unet_space_regression(
-                    model, [slot], *map(lambda r: [r], rows), latents[pick], templates, generator
-                )
-            )
+            return float((predict(v) - reference).pow(2).sum() / scale)
 
     return loss
 

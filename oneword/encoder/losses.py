@@ -7,6 +7,8 @@ whatever the prompt, timestep or model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..inversion.objective import denoising_loss, draw_timesteps
@@ -56,6 +58,61 @@ def text_space_regression(
     return ((hidden(predicted) - target).pow(2).sum((1, 2)) / scale).mean()
 
 
+def denoising_draws(
+    model, slots, latents: torch.Tensor, templates: list[str], generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """What one denoising-loss batch draws, in this order: a timestep, the noise and a
+    template per latent.
+
+    Args:
+        model: the `LoadedModel` with the slots added.
+        slots: B placeholders; latents are target-major, M = len(latents) // B per slot.
+        latents: (B M, c, h, w) scaled clean latents.
+        templates: prompt templates with one {}.
+        generator: the draws' generator.
+
+    Returns:
+        timesteps (B M,), noise (B M, c, h, w) and B M prompts holding each latent's slot.
+    """
+    views = len(latents) // len(slots)
+    timesteps = draw_timesteps(model, len(latents), generator).to(model.device)
+    noise = torch.randn(latents.shape, generator=generator).to(model.device)
+    choices = torch.randint(len(templates), (len(latents),), generator=generator).tolist()
+    prompts = [
+        expand_prompt(fill(templates[choices[b * views + m]], slots[b].token), [slots[b]])
+        for b in range(len(slots))
+        for m in range(views)
+    ]
+    return timesteps, noise, prompts
+
+
+def unet_predictor(
+    model, slots, latents: torch.Tensor, templates: list[str], generator: torch.Generator
+) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """Draw timesteps, noise and one template per latent once; return rows -> the frozen
+    UNet's prediction on those draws.
+
+    Args:
+        model: the `LoadedModel` with the slots added.
+        slots: B placeholders, one per target.
+        latents: (B M, c, h, w) scaled clean latents of M images per target, target-major.
+        templates: prompt templates with one {}.
+        generator: draws timesteps, noise and templates (`denoising_draws`).
+
+    Returns:
+        A function: per text encoder (B, K, d_e) rows -> the prediction (B M, c, h, w) fp32,
+        with the rows' autograd history. Called with several rows, it compares them on the
+        same draws.
+    """
+    timesteps, noise, prompts = denoising_draws(model, slots, latents, templates, generator)
+
+    def prediction(rows: list[torch.Tensor]) -> torch.Tensor:
+        embeds = encode_prompts(with_placeholder_rows(model, slots, rows), prompts)
+        return denoising_loss(model, latents, embeds, noise, timesteps).prediction.float()
+
+    return prediction
+
+
 def unet_space_regression(
     model,
     slots,
@@ -82,29 +139,21 @@ def unet_space_regression(
         predicted, targets, class_rows: per text encoder (B, K, d_e) rows.
         latents: (B M, c, h, w) scaled clean latents of M images per target, target-major.
         templates: prompt templates with one {}.
-        generator: draws templates, timesteps and noise.
+        generator: draws templates, timesteps and noise (`unet_predictor`).
 
     Returns:
         A scalar with the predicted rows' autograd history.
     """
-    views = len(latents) // len(slots)
-    timesteps = draw_timesteps(model, len(latents), generator).to(model.device)
-    noise = torch.randn(latents.shape, generator=generator).to(model.device)
-    choices = torch.randint(len(templates), (len(latents),), generator=generator).tolist()
-    prompts = [
-        expand_prompt(fill(templates[choices[b * views + m]], slots[b].token), [slots[b]])
-        for b in range(len(slots))
-        for m in range(views)
-    ]
-
-    def prediction(rows):
-        embeds = encode_prompts(with_placeholder_rows(model, slots, rows), prompts)
-        return denoising_loss(model, latents, embeds, noise, timesteps).prediction.float()
-
+    prediction = unet_predictor(model, slots, latents, templates, generator)
     with torch.no_grad():
         target = prediction(targets)
         scale = (prediction(class_rows) - target).pow(2).sum().clamp_min(1e-12)
     return (prediction(predicted) - target).pow(2).sum() / scale
 
 
-__all__ = ["text_space_regression", "unet_space_regression"]
+__all__ = [
+    "denoising_draws",
+    "text_space_regression",
+    "unet_predictor",
+    "unet_space_regression",
+]
