@@ -697,12 +697,12 @@ def test_eval_refuses_an_unknown_check():
         EvalConfig(check="oracle").check_values()
 
 
-def _merge_module():
+def _merge_module(name: str = "merge_eval"):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "merge_eval.py"
-    spec = importlib.util.spec_from_file_location("merge_eval", path)
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -780,6 +780,38 @@ def test_merge_eval_pools_disjoint_concept_sets_and_recomputes_the_means(tmp_pat
     assert classic["fallback"]["right"] == 3 and classic["fallback"]["wrong_flagged"] == 1
     with pytest.raises(OnewordError, match="disjoint"):
         pool([first, run("overlap", ["b", "e"], {"classic": [1.0, 0.0]})])
+
+
+def test_compare_arms_pairs_each_arm_with_the_baseline_over_shared_concepts(tmp_path, capsys):
+    compare_arms = _merge_module("compare_arms")
+
+    def run(name: str, rows: dict[str, dict[str, float]], seed: int = 0):
+        results = {"suite": "s", "seed": seed, "samples": 2, "steps": 30, "guidance": 5.0,
+                   "model": "m", "methods": {"encoder": {"per_concept": [
+                       {"concept": c, "identity": i, "editability": i / 2} for c, i in rows.items()
+                   ]}}}  # fmt: skip
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps(results))
+        return folder
+
+    base = run("base", {"a": 0.0, "b": 0.5, "c": 0.5})
+    # The arm in two halves: "c" has no arm row and "d" no baseline row.
+    half_a, half_b = run("arm-a", {"a": 0.5, "b": 1.0}), run("arm-b", {"d": 1.0})
+    out = tmp_path / "arms.md"
+    args = ["--baseline", f"base={base}", f"arm={half_a},{half_b}", "--out", str(out)]
+    assert compare_arms.main(args) == 0
+    table = out.read_text()
+    assert table == capsys.readouterr().out
+    # Paired over a and b: differences +0.5 and +0.5 (no spread); editability half of it.
+    assert "| arm | encoder | 2 | 75.0% | 37.5% | +50.0 ± 0.0 | +25.0 ± 0.0 |" in table
+    assert "| base | encoder | 3 | 33.3% | 16.7% | – | – |" in table
+    # Overlapping halves and other settings are refused with the file named.
+    assert compare_arms.main(["--baseline", f"base={base}", f"arm={half_a},{half_a}"]) == 2
+    assert "scored a again" in capsys.readouterr().err
+    other = run("other", {"a": 1.0}, seed=1)
+    assert compare_arms.main(["--baseline", f"base={base}", f"arm={other}"]) == 2
+    assert "seed is 1" in capsys.readouterr().err
 
 
 def test_tradeoff_labels_of_coincident_points_do_not_overlap():
