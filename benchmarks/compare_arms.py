@@ -24,7 +24,7 @@ if str(REPO) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(REPO))
 
 # Settings every run of one table must share (concepts may differ: pairing handles that).
-SAME = ("suite", "seed", "samples", "steps", "guidance", "model")
+SAME = ("suite", "seed", "samples", "identity_samples", "steps", "guidance", "model")
 METRICS = ("identity", "editability")
 
 

@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(REPO))
 
-SAME = ("suite", "concepts", "seed", "samples", "steps", "guidance", "model")
+SAME = ("suite", "concepts", "seed", "samples", "identity_samples", "steps", "guidance", "model")
 
 
 def merge(runs: list[Path], tags: dict[Path, str] | None = None) -> tuple[dict, dict[str, Path]]:

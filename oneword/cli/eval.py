@@ -62,9 +62,15 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     add_config_flags(
         parser,
         EvalConfig,
-        ["samples", "seed", "steps", "guidance"],
+        ["samples", "identity_samples", "seed", "steps", "guidance"],
         overrides={
             "samples": {"default": defaults.samples, "help": "samples per prompt per concept"},
+            "identity_samples": {
+                "type": int,
+                "metavar": "N",
+                "help": "samples of the identity prompt (>= --samples; default: --samples): "
+                "identity is a share of these, so more of them sharpen it cheaply",
+            },
             "seed": {"default": defaults.seed, "help": None},
             "steps": {"default": defaults.steps, "help": "sampling steps (DDIM)"},
             "guidance": {"default": defaults.guidance, "help": None},

@@ -62,6 +62,11 @@ class EvalConfig:
     methods: tuple[str, ...] = ("classword", "classic")
     # Samples per prompt per concept; sample j of every prompt starts from seed + j.
     samples: int = 4
+    # Samples of the identity prompt alone (>= samples; None = samples). Identity is a share
+    # of these few samples per concept, so it is far noisier than editability (which pools
+    # every edit prompt's): more of them sharpen it at a fraction of the cost of raising
+    # `samples`. The first `samples` are the same images as without it.
+    identity_samples: int | None = None
     # Seeds the samples and every learning method.
     seed: int = 0
     # DDIM steps and classifier-free guidance of the samples.
@@ -108,6 +113,13 @@ class EvalConfig:
                 )
         if self.seed < 0:
             raise OnewordError(f"--seed must be >= 0, got {self.seed}")
+        if self.identity_samples is not None and not (
+            isinstance(self.identity_samples, int) and self.identity_samples >= self.samples
+        ):
+            raise OnewordError(
+                f"--identity-samples must be an integer >= --samples ({self.samples}), got "
+                f"{self.identity_samples!r}"
+            )
         from ..encoder.encode import CHECKS
 
         if self.check not in CHECKS:
@@ -226,8 +238,8 @@ class _Scorers:
 # checkpoints' digests too: an encoder retrained into the same path must not resume the old
 # one's rows.
 RESUME_KEYS: tuple[str, ...] = (
-    "model", "suite", "device", "seed", "samples", "steps", "guidance", "identity_prompt",
-    "clip", "dino", "encoder", "check", "grid_concepts", "grid_edits", "checkpoints",
+    "model", "suite", "device", "seed", "samples", "identity_samples", "steps", "guidance",
+    "identity_prompt", "clip", "dino", "encoder", "check", "grid_concepts", "grid_edits", "checkpoints",
 )  # fmt: skip
 
 
@@ -378,15 +390,21 @@ def _score(
     reference: _Reference,
     scorers: _Scorers,
     per_prompt: int,
+    extra_identity: Sequence[Image.Image] = (),
 ) -> dict:
-    """Scores of one concept's samples: identity prompt first, then the concept's prompts."""
-    identity_samples = samples[:per_prompt]
+    """Scores of one concept's samples: identity prompt first, then the concept's prompts;
+    `extra_identity`: more samples of the identity prompt (`EvalConfig.identity_samples`)."""
+    identity_samples = [*samples[:per_prompt], *extra_identity]
+    everything = [*samples, *extra_identity]
+    n = len(samples)
     row: dict = {"identity": None, "editability": None, "per_attribute": None}
     if scorers.oracle is not None and concept.attributes:
-        predictions = oracle_predict(scorers.oracle, samples)
+        predictions = oracle_predict(scorers.oracle, everything)
 
         def part(index: int) -> dict:  # predictions of the samples of prompt `index`
             span = slice(index * per_prompt, (index + 1) * per_prompt)
+            if index == 0:  # the identity prompt's samples: the first ones and the extra
+                return {name: [*v[span], *v[n:]] for name, v in predictions.items()}
             return {name: values[span] for name, values in predictions.items()}
 
         edits = concept.edits or []
@@ -396,11 +414,14 @@ def _score(
         row.update(scores)
     row["clip_i"] = row["clip_t"] = row["dino"] = None
     if scorers.clip is not None:
-        features = scorers.clip.image_features(samples)  # (n, p)
-        row["clip_i"] = pairwise_similarity(features[:per_prompt], reference.clip)
+        features = scorers.clip.image_features(everything)  # (n + extra, p)
+        identity_features = torch.cat([features[:per_prompt], features[n:]])
+        row["clip_i"] = pairwise_similarity(identity_features, reference.clip)
         # The prompt without the token (Gal et al.), the same text for every method.
         texts = [strip_token(t) for t in concept.prompts for _ in range(per_prompt)]
-        row["clip_t"] = matched_similarity(features[per_prompt:], scorers.clip.text_features(texts))
+        row["clip_t"] = matched_similarity(
+            features[per_prompt:n], scorers.clip.text_features(texts)
+        )
     if scorers.dino is not None:
         row["dino"] = pairwise_similarity(
             scorers.dino.image_features(identity_samples), reference.dino
@@ -575,6 +596,7 @@ def evaluate(
         "concepts": [c.name for c in concepts],
         "seed": config.seed,
         "samples": config.samples,
+        "identity_samples": config.identity_samples,
         "steps": config.steps,
         "guidance": config.guidance,
         "identity_prompt": config.identity_prompt,
@@ -664,10 +686,24 @@ def evaluate(
                 pipeline=pipe,
                 progress=not config.quiet,
             )
+            extra_identity = []
+            if config.identity_samples and config.identity_samples > per_prompt:
+                # Sample j of a prompt starts from seed + j: these continue the first ones.
+                extra_identity = generate(
+                    model,
+                    [fill_prompt(templates[0], learned.word, concept.class_word)],
+                    placeholders=learned.placeholders,
+                    num_per_prompt=config.identity_samples - per_prompt,
+                    steps=config.steps,
+                    guidance=config.guidance,
+                    seed=config.seed + per_prompt,
+                    pipeline=pipe,
+                    progress=not config.quiet,
+                )
             sampling_seconds = time.perf_counter() - started
             # 4d. Score.
             row = {"concept": concept.name, "word": learned.word, "check_score": check_score}
-            row |= _score(concept, samples, reference, scorers, per_prompt)
+            row |= _score(concept, samples, reference, scorers, per_prompt, extra_identity)
             row |= {
                 "seconds": seconds,
                 "unet_forward_passes": learned.cost.get("unet_forward_passes", 0),

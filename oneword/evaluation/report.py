@@ -62,7 +62,13 @@ def format_table(results: dict) -> str:
         f"- model: `{results['model']}` ({results.get('family')}), device {results['device']}"
         + (f" ({results['cuda_device']})" if results.get("cuda_device") else ""),
         f"- suite: `{results['suite']}`, {len(results.get('concepts', []))} concepts; "
-        f"{results['samples']} samples per prompt, {results.get('steps')} DDIM steps, "
+        f"{results['samples']} samples per prompt"
+        + (
+            f" ({results['identity_samples']} of the identity prompt)"
+            if results.get("identity_samples")
+            else ""
+        )
+        + f", {results.get('steps')} DDIM steps, "
         f"guidance {results.get('guidance')}, seed {results['seed']}",
         f"- scorers: oracle {'yes' if results.get('oracle') else 'no'}, "
         f"CLIP {results.get('clip') or '–'}, DINO {results.get('dino') or '–'}",

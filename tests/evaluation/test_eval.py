@@ -488,6 +488,34 @@ def test_a_concept_scores_the_same_alone_or_after_others(tiny_world_dir, world_s
     torch.testing.assert_close(rows_both, rows_one, atol=0, rtol=0)
 
 
+def test_identity_samples_continue_the_identity_prompts_seeds(
+    tiny_world_dir, world_suite, tmp_path
+):
+    # --samples 1 --identity-samples 3: identity and CLIP-I read the identity prompt's
+    # samples of seeds 0-2, exactly as --samples 3 does; the edit prompts keep one sample.
+    def run(name: str, **kwargs) -> dict:
+        config = EvalConfig(methods=("classword",), concepts=1, steps=2, device="cpu",
+                            quiet=True, check="none", **kwargs)  # fmt: skip
+        results = evaluate(str(tiny_world_dir), world_suite, config, tmp_path / name)
+        return results["methods"]["classword"]["per_concept"][0] | {"_all": results}
+
+    one, three = run("one", samples=1), run("three", samples=3)
+    extra = run("extra", samples=1, identity_samples=3)
+    assert extra["identity_samples"] == 3 and one["identity_samples"] == 1
+    assert extra["_all"]["identity_samples"] == 3 and one["_all"]["identity_samples"] is None
+    assert (
+        "1 samples per prompt (3 of the identity prompt)"
+        in (tmp_path / "extra" / "results.md").read_text()
+    )
+    assert three["clip_i"] != pytest.approx(one["clip_i"], abs=1e-6)  # the extra ones count
+    for key in ("identity", "clip_i"):
+        assert extra[key] == pytest.approx(three[key], abs=1e-6)
+    for key in ("editability", "clip_t", "edit_samples"):
+        assert extra[key] == pytest.approx(one[key], abs=1e-6)
+    with pytest.raises(OnewordError, match="--identity-samples must be an integer >= --samples"):
+        EvalConfig(samples=2, identity_samples=1).check_values()
+
+
 @pytest.mark.slow
 def test_classic_step_counts_share_one_run_and_equal_separate_runs(
     tiny_world_dir, world_suite, tmp_path
