@@ -64,20 +64,36 @@ def load_arm(folders: list[Path]) -> tuple[dict, dict[str, list[dict]]]:
     return settings, {label: list(by_concept.values()) for label, by_concept in rows.items()}
 
 
-def compare(baseline: tuple[str, list[Path]], arms: list[tuple[str, list[Path]]]) -> str:
-    """The markdown table of every arm (the baseline first) against the baseline."""
+def compare(
+    baseline: tuple[str, list[Path]],
+    arms: list[tuple[str, list[Path]]],
+    baseline_method: str | None = None,
+) -> str:
+    """The markdown table of every arm (the baseline first) against the baseline: each
+    method against the baseline's method of the same label, or every method against
+    `baseline_method` (e.g. an encoder alone against another with refinement)."""
     from oneword.errors import OnewordError
     from oneword.evaluation.report import _points, paired_difference
 
     base_name, base_folders = baseline
     base_settings, base_rows = load_arm(base_folders)
+    if baseline_method is not None and baseline_method not in base_rows:
+        raise OnewordError(
+            f"{base_name} has no {baseline_method} rows (it has {', '.join(base_rows)})"
+        )
+    against = f"{base_name}'s" if baseline_method is None else f"{base_name}'s {baseline_method}"
     lines = [
         f"Against {base_name}, paired over the concepts both scored (± one standard error); "
         f"suite `{base_settings['suite']}`, seed {base_settings['seed']}, "
-        f"{base_settings['samples']} samples per prompt.",
+        f"{base_settings['samples']} samples per prompt"
+        + (
+            f" ({base_settings['identity_samples']} of the identity prompt)."
+            if base_settings["identity_samples"]
+            else "."
+        ),
         "",
-        f"| arm | method | concepts | identity | editability | identity - {base_name}'s | "
-        f"editability - {base_name}'s |",
+        f"| arm | method | concepts | identity | editability | identity - {against} | "
+        f"editability - {against} |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for name, folders in [baseline, *arms]:
@@ -88,9 +104,11 @@ def compare(baseline: tuple[str, list[Path]], arms: list[tuple[str, list[Path]]]
                     f"{name}: {key} is {settings[key]!r}, but {base_name}'s is "
                     f"{base_settings[key]!r}; compare only runs made with the same settings"
                 )
-        for label in [label for label in base_rows if label in rows]:
-            ours, theirs = {"per_concept": rows[label]}, {"per_concept": base_rows[label]}
-            both = {row["concept"] for row in base_rows[label]}
+        labels = list(rows) if baseline_method else [k for k in base_rows if k in rows]
+        for label in labels:
+            base = base_rows[baseline_method or label]
+            ours, theirs = {"per_concept": rows[label]}, {"per_concept": base}
+            both = {row["concept"] for row in base}
             common = [row for row in rows[label] if row["concept"] in both]
             means = [
                 f"{100 * sum(row[m] for row in common) / len(common):.1f}%" if common else "–"
@@ -98,7 +116,7 @@ def compare(baseline: tuple[str, list[Path]], arms: list[tuple[str, list[Path]]]
             ]
             differences = (
                 ["–", "–"]
-                if name == base_name
+                if name == base_name and baseline_method in (None, label)
                 else [_points(paired_difference(ours, theirs, m)) for m in METRICS]
             )
             lines.append(
@@ -125,10 +143,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--baseline", type=_arm, required=True, help="NAME=FOLDER[,FOLDER...]: the arm to beat"
     )
+    parser.add_argument(
+        "--baseline-method",
+        metavar="LABEL",
+        help="pair every method with this one of the baseline (default: the same label)",
+    )
     parser.add_argument("--out", type=Path, help="also write the table here (markdown)")
     args = parser.parse_args(argv)
     try:
-        table = compare(args.baseline, args.arms)
+        table = compare(args.baseline, args.arms, args.baseline_method)
     except OnewordError as error:
         print(f"compare_arms.py: error: {error}", file=sys.stderr)
         return 2

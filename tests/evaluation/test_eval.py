@@ -817,6 +817,8 @@ def test_compare_arms_pairs_each_arm_with_the_baseline_over_shared_concepts(tmp_
         results = {"suite": "s", "seed": seed, "samples": 2, "steps": 30, "guidance": 5.0,
                    "model": "m", "methods": {"encoder": {"per_concept": [
                        {"concept": c, "identity": i, "editability": i / 2} for c, i in rows.items()
+                   ]}, "encoder+refine:10": {"per_concept": [
+                       {"concept": c, "identity": i / 2, "editability": i / 4} for c, i in rows.items()
                    ]}}}  # fmt: skip
         folder = tmp_path / name
         folder.mkdir()
@@ -834,6 +836,15 @@ def test_compare_arms_pairs_each_arm_with_the_baseline_over_shared_concepts(tmp_
     # Paired over a and b: differences +0.5 and +0.5 (no spread); editability half of it.
     assert "| arm | encoder | 2 | 75.0% | 37.5% | +50.0 ± 0.0 | +25.0 ± 0.0 |" in table
     assert "| base | encoder | 3 | 33.3% | 16.7% | – | – |" in table
+    # Every method against one of the baseline's: the arm alone against its refined rows
+    # (a: 0.5 - 0, b: 1.0 - 0.25).
+    by_one = [*args[:3], "--baseline-method", "encoder+refine:10"]
+    assert compare_arms.main(by_one) == 0
+    assert "| arm | encoder | 2 | 75.0% | 37.5% | +62.5 ± 12.5 | +31.2 ± 6.2 |" in (
+        capsys.readouterr().out
+    )
+    assert compare_arms.main([*args[:3], "--baseline-method", "classic:10"]) == 2
+    assert "base has no classic:10 rows" in capsys.readouterr().err
     # Overlapping halves and other settings are refused with the file named.
     assert compare_arms.main(["--baseline", f"base={base}", f"arm={half_a},{half_a}"]) == 2
     assert "scored a again" in capsys.readouterr().err
