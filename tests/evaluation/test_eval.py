@@ -488,6 +488,7 @@ def test_a_concept_scores_the_same_alone_or_after_others(tiny_world_dir, world_s
     torch.testing.assert_close(rows_both, rows_one, atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_identity_samples_continue_the_identity_prompts_seeds(
     tiny_world_dir, world_suite, tmp_path
 ):
