@@ -28,9 +28,12 @@ SAME = ("suite", "seed", "samples", "identity_samples", "steps", "guidance", "mo
 METRICS = ("identity", "editability")
 
 
-def load_arm(folders: list[Path]) -> tuple[dict, dict[str, list[dict]]]:
-    """One arm's settings (of its first run) and, per method, its per-concept rows from all
-    its runs. A concept scored twice for one method is refused (the halves overlap)."""
+def load_arm(
+    folders: list[Path], reference: tuple[str, dict] | None = None
+) -> tuple[dict, dict[str, list[dict]]]:
+    """One arm's settings and, per method, its per-concept rows from all its runs. Every run
+    must share `SAME` with `reference` (name, settings), or else with the arm's first run; a
+    concept scored twice for one method is refused (the halves overlap)."""
     from oneword.errors import OnewordError
 
     settings: dict | None = None
@@ -45,11 +48,12 @@ def load_arm(folders: list[Path]) -> tuple[dict, dict[str, list[dict]]]:
             ) from None
         if settings is None:
             settings = {key: results.get(key) for key in SAME}
+        name, expected = reference or (str(folders[0]), settings)
         for key in SAME:
-            if str(results.get(key)) != str(settings[key]):
+            if str(results.get(key)) != str(expected[key]):
                 raise OnewordError(
-                    f"{path}: {key} is {results.get(key)!r}, but {folders[0]}'s is "
-                    f"{settings[key]!r}; compare only runs made with the same settings"
+                    f"{path}: {key} is {results.get(key)!r}, but {name}'s is "
+                    f"{expected[key]!r}; compare only runs made with the same settings"
                 )
         for label, method in results.get("methods", {}).items():
             seen = rows.setdefault(label, {})
@@ -96,14 +100,9 @@ def compare(
         f"editability - {against} |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
-    for name, folders in [baseline, *arms]:
-        settings, rows = load_arm(folders)
-        for key in SAME:
-            if str(settings[key]) != str(base_settings[key]):
-                raise OnewordError(
-                    f"{name}: {key} is {settings[key]!r}, but {base_name}'s is "
-                    f"{base_settings[key]!r}; compare only runs made with the same settings"
-                )
+    loaded = [(base_name, base_rows)]
+    loaded += [(name, load_arm(folders, (base_name, base_settings))[1]) for name, folders in arms]
+    for name, rows in loaded:
         labels = list(rows) if baseline_method else [k for k in base_rows if k in rows]
         for label in labels:
             base = base_rows[baseline_method or label]
