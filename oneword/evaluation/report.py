@@ -124,14 +124,16 @@ def choose_threshold(
     interval [lowest that spares enough right ones, highest that still catches enough
     wrong ones]; its middle is returned. When the interval is empty the targets cannot
     both be met on these rows: the threshold that catches enough wrong ones is returned
-    with met False.
+    with met False, and "spare" holds the one that spares enough right ones (a product
+    may prefer it: every concept sent on costs a full inversion).
 
     Args:
         rows: per-concept rows with "check_score" and "identity" (one method's).
 
     Returns:
-        {"threshold", "met", "interval" ([low, high] or None), "wrong", "right"}, or None
-        without scored rows of both kinds.
+        {"threshold", "met", "interval" ([low, high] or None), "spare" (the lowest
+        threshold sending <= `spare` of the right ones), "wrong", "right"}, or None without
+        scored rows of both kinds.
     """
     scored = [r for r in rows if r.get("check_score") is not None and r.get("identity") is not None]
     wrong = sorted(r["check_score"] for r in scored if r["identity"] < right_identity)
@@ -161,6 +163,7 @@ def choose_threshold(
         "threshold": threshold,
         "met": met,
         "interval": [low, high] if met else None,
+        "spare": low,
         "wrong": len(wrong),
         "right": len(right),
     }

@@ -240,4 +240,8 @@ def test_choose_threshold_meets_both_fallback_targets_when_it_can():
     assert 0.2 < chosen["threshold"] < 0.3  # still catches 8 of the 10 wrong ones
     flagged = sum(r["check_score"] > chosen["threshold"] for r in _scored(wrong))
     assert flagged == 8
+    # The other end: at 0.8 only the right one scoring 0.9 is sent, and 2 of the wrong ones.
+    assert chosen["spare"] == pytest.approx(0.8)
+    assert sum(r["check_score"] > chosen["spare"] for r in _scored(right)) == 1
+    assert sum(r["check_score"] > chosen["spare"] for r in _scored(wrong)) == 2
     assert choose_threshold(_scored(right)) is None  # no wrong concept: nothing to choose
