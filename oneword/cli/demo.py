@@ -141,7 +141,7 @@ def add_demo_parser(subparsers) -> None:
         epilog="examples:\n  oneword demo\n  oneword demo --concept teal-square-split --out runs/demo\n"
         "  oneword demo --images my_shapes/ --init star",
     )
-    from ..encoder.encode import DEFAULT_ENCODER
+    from ..encoder.encode import DEFAULT_ENCODER, EncodeConfig
     from ..models import DEFAULT_MODEL
 
     parser.add_argument(
@@ -164,7 +164,10 @@ def add_demo_parser(subparsers) -> None:
         "--classic", action="store_true", help="classic inversion even when an encoder exists"
     )
     parser.add_argument(
-        "--refine-steps", type=int, default=50, help="refinement steps after the encoder"
+        "--refine-steps",
+        type=int,
+        default=EncodeConfig.refine_steps,
+        help="refinement steps after the encoder (default: oneword encode's)",
     )
     parser.add_argument(
         "--steps",

@@ -104,7 +104,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         type=float,
         default=defaults.check_threshold,
         help="threshold whose fallback rates the report gives (default: oneword encode's for "
-        "the check: 0.8 for clip, 1.0 for loss)",
+        "the check: 0.825 for clip, 1.0 for loss)",
     )
     add(
         "--right-identity",

@@ -200,7 +200,8 @@ class LearnRequest:
         class_word: the concept's class ("cup"); the initializer and the check's reference.
         path: a key of `PATHS`.
         steps: classic steps, or the fallback's steps on the "auto" path.
-        refine_steps: refinement steps after the encoder ("auto" path).
+        refine_steps: refinement steps after the encoder ("auto" path); None: the
+            service's `encode_config`.
         concept: the held-out world concept the images show, if picked on the page.
         seed: seeds learning and the grid.
     """
@@ -210,7 +211,7 @@ class LearnRequest:
     class_word: str = ""
     path: str = "auto"
     steps: int = DEFAULT_STEPS
-    refine_steps: int = 50
+    refine_steps: int | None = None
     concept: str | None = None
     seed: int = 0
 

@@ -226,7 +226,7 @@ def test_auto_check_is_clip_where_the_model_has_a_clip_else_loss(tiny_world_dir,
     auto = EncodeConfig()
     assert auto.check == "auto" and auto.threshold is None
     resolved = resolve_check(auto, world)
-    assert (resolved.check, resolved.threshold) == ("clip", THRESHOLDS["clip"]) == ("clip", 0.8)
+    assert (resolved.check, resolved.threshold) == ("clip", THRESHOLDS["clip"]) == ("clip", 0.825)
     resolved = resolve_check(auto, plain)
     assert (resolved.check, resolved.threshold) == ("loss", 1.0)
     # --clip makes a CLIP available to any model; an explicit threshold is kept.

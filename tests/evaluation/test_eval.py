@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from oneword.cli import main
 from oneword.datasets.suite import write_world_suite
 from oneword.datasets.world import HELD_OUT
+from oneword.encoder.encode import THRESHOLDS
 from oneword.errors import OnewordError
 from oneword.evaluation import METHODS, EvalConfig, LearnedToken, evaluate
 from oneword.evaluation.harness import QUALITY_METRICS, fill_prompt, parse_methods
@@ -341,7 +342,7 @@ def test_eval_on_the_tiny_world_writes_the_report_and_is_deterministic(
     rates = results["methods"]["classic:2"]["fallback"]
     assert rates["right"] + rates["wrong"] == 1
     # --check auto: the world has its own CLIP, so the CLIP check at encode's threshold.
-    assert results["config"]["check"] == "clip" and rates["threshold"] == 0.8
+    assert results["config"]["check"] == "clip" and rates["threshold"] == THRESHOLDS["clip"]
     assert "Fallback check" in table and Image.open(tmp_path / "a" / "check.png").size[0] > 300
 
     # 2. The same seed on the CPU gives the same numbers.
