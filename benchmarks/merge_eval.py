@@ -3,8 +3,8 @@
 Methods are added run by run; a method present in a later run replaces the earlier one
 (e.g. the encoder rows after the encoder was retrained). The merged `results.json` keeps,
 per method, the run it came from (`source`: folder, commit, date, threads). Fallback-check
-columns are kept only for methods scored with the last run's check, so one table never mixes
-two checks. Runs that differ in suite, concepts, seed, samples, steps or guidance are refused.
+columns are kept only for methods scored with the last run's check and are rated at its
+threshold, so one table never mixes two checks or two thresholds. Runs that differ in suite, concepts, seed, samples, steps or guidance are refused.
 
     python benchmarks/merge_eval.py runs/eval-merged runs/eval-classic runs/eval-encoder
 
@@ -75,13 +75,21 @@ def merge(runs: list[Path], tags: dict[Path, str] | None = None) -> tuple[dict, 
         merged["config"] = results.get("config", {})
         merged["commit"], merged["date"] = results.get("commit"), results.get("date")
     assert merged is not None
-    last_check = merged["config"].get("check") or "loss"
+    from oneword.evaluation.metrics import fallback_rates
+
+    config = merged["config"]
+    last_check = config.get("check") or "loss"
+    threshold, right_identity = config.get("check_threshold"), config.get("right_identity", 0.5)
     for method in merged["methods"].values():
         if method["source"]["check"] != last_check:  # one check per table
             method["fallback"] = None
             method["check_score"] = None
             for row in method.get("per_concept", []):
                 row["check_score"] = None
+        elif method.get("fallback") is not None and threshold is not None:
+            # And one threshold: a score does not depend on it, so rows an earlier run rated
+            # at its own threshold are rated again at the last run's.
+            method["fallback"] = fallback_rates(method["per_concept"], threshold, right_identity)
     merged["merged_from"] = [str(run) for run in runs]
     return merged, grids
 

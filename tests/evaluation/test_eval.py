@@ -776,6 +776,28 @@ def test_merge_eval_replaces_methods_run_by_run_and_refuses_other_settings(tmp_p
     assert _merge_module()._short("a" * 40 + "+dirty + " + "b" * 40) == "aaaaaaa+dirty + bbbbbbb"
 
 
+def test_merge_eval_rates_every_method_at_the_last_runs_threshold(tmp_path):
+    merge = _merge_module().merge
+
+    def run(name: str, threshold: float, label: str):
+        rows = [{"concept": c, "identity": i, "check_score": s}
+                for c, i, s in (("a", 0.0, 0.9), ("b", 1.0, 0.7), ("c", 1.0, 0.85))]  # fmt: skip
+        results = {"suite": "s", "seed": 0, "samples": 4, "steps": 30, "guidance": 5.0,
+                   "model": "m", "commit": name, "date": "d", "concepts": ["a", "b", "c"],
+                   "config": {"check": "clip", "check_threshold": threshold, "right_identity": 0.5},
+                   "methods": {label: {"per_concept": rows, "fallback": {"threshold": threshold}}}}  # fmt: skip
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps(results))
+        return folder
+
+    merged, _ = merge([run("old", 0.8, "classic:50"), run("new", 0.875, "encoder")])
+    for label in ("classic:50", "encoder"):  # at 0.875: the wrong one sent, no right one
+        rates = merged["methods"][label]["fallback"]
+        assert rates["threshold"] == 0.875
+        assert (rates["wrong_flagged"], rates["right_flagged"]) == (1, 0)
+
+
 def test_merge_eval_pools_disjoint_concept_sets_and_recomputes_the_means(tmp_path):
     pool = _merge_module().pool
 
