@@ -63,17 +63,21 @@ def merge(runs: list[Path], tags: dict[Path, str] | None = None) -> tuple[dict, 
         for label, method in results["methods"].items():
             label = f"{tags[run]}/{label}" if tags and tags.get(run) else label
             method = dict(method)
-            method["source"] = {
+            # A merged report merged again keeps where its rows first came from.
+            method["source"] = method.get("source") or {
                 "run": str(run),
                 "commit": results.get("commit"),
                 "date": results.get("date"),
                 "check": check,
+                "checkpoints": results.get("checkpoints"),
             }
             merged["methods"][label] = method
             if method.get("grid"):
                 grids[label] = run / method["grid"]
         merged["config"] = results.get("config", {})
         merged["commit"], merged["date"] = results.get("commit"), results.get("date")
+        # The header names the last run's files; each method's source keeps its own.
+        merged["checkpoints"] = results.get("checkpoints")
     assert merged is not None
     from oneword.evaluation.metrics import fallback_rates
 
@@ -169,6 +173,7 @@ def pool(
             "commit": " + ".join(str(part["source"]["commit"]) for part in parts),
             "date": parts[-1]["source"]["date"],
             "check": checks.pop() if len(checks) == 1 else "mixed",
+            "checkpoints": parts[-1]["source"].get("checkpoints"),
         }
         pooled["methods"][label] = method
     pooled["commit"] = " + ".join(dict.fromkeys(str(m.get("commit")) for m, _ in merged))
@@ -212,9 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     sources = ["", "Sources (`benchmarks/merge_eval.py`):", ""]
     for label, method in merged["methods"].items():
         source = method["source"]
+        encoder = (source.get("checkpoints") or {}).get("encoder")
         sources.append(
             f"- {label}: `{source['run']}` (commit {_short(source['commit'])}, "
-            f"{source['date']}, check {source['check']})"
+            f"{source['date']}, check {source['check']}"
+            + (f", encoder `{encoder[:16]}`)" if encoder else ")")
         )
     if left_out:
         sources += ["", f"Left out (not run on every concept set): {', '.join(left_out)}"]

@@ -744,7 +744,8 @@ def test_merge_eval_replaces_methods_run_by_run_and_refuses_other_settings(tmp_p
     def run(name: str, check: str, methods: dict, seed: int = 0, concepts=("a", "b")):
         base = {"suite": "s", "seed": seed, "samples": 4, "steps": 30, "guidance": 5.0}
         base["concepts"] = list(concepts)
-        results = base | {"model": "m", "commit": name, "date": "d", "config": {"check": check}}
+        results = base | {"model": "m", "commit": name, "date": "d", "config": {"check": check},
+                          "checkpoints": {"model": "m0", "encoder": f"sha-{name}"}}  # fmt: skip
         results["methods"] = {
             label: {"identity": value, "check_score": 0.9, "fallback": {"right": 1},
                     "per_concept": [{"check_score": 0.9}]}
@@ -761,6 +762,15 @@ def test_merge_eval_replaces_methods_run_by_run_and_refuses_other_settings(tmp_p
     assert list(merged["methods"]) == ["classic:50", "encoder"]
     assert merged["methods"]["encoder"]["identity"] == 0.29  # the later run wins
     assert merged["methods"]["encoder"]["source"]["run"] == str(new)
+    # The header names the last run's files; each row keeps the files it was scored with.
+    assert merged["checkpoints"]["encoder"] == "sha-new"
+    assert merged["methods"]["classic:50"]["source"]["checkpoints"]["encoder"] == "sha-old"
+    # Merged again, the rows keep their first sources.
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "results.json").write_text(json.dumps(merged))
+    again, _ = merge([tmp_path / "merged", run("newer", "clip", {"classword": 0.0})])
+    assert again["methods"]["encoder"]["source"]["run"] == str(new)
+    assert again["methods"]["classword"]["source"]["run"] == str(tmp_path / "newer")
     # The table shows one check: the last run's; the other run's scores are dropped.
     assert merged["methods"]["encoder"]["fallback"] == {"right": 1}
     assert merged["methods"]["classic:50"]["fallback"] is None
