@@ -23,6 +23,9 @@ The report of world v3.1's 24 concepts was made this way from two halves run sid
     python benchmarks/merge_eval.py --pool benchmarks/results/world-v3.1/eval/all-24 \\
         runs/eval-v31/eval-a runs/eval-v31/eval-b
 
+--drop LABEL ... leaves methods out of the report (the second test draw's encoder rows of an
+earlier encoder at 25 and 50 steps, which its new runs did not score again).
+
 Writes OUT/results.json, results.md and tradeoff.png (and check.png), and copies each
 method's grid into OUT/grids/.
 """
@@ -193,6 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pool", action="store_true", help="join runs over disjoint concept sets (see above)"
     )
+    parser.add_argument(
+        "--drop",
+        nargs="+",
+        default=[],
+        metavar="LABEL",
+        help="methods to leave out, e.g. an earlier encoder's rows no later run replaces",
+    )
     args = parser.parse_args(argv)
     runs, tags = [], {}
     for spec in args.runs:
@@ -204,6 +214,12 @@ def main(argv: list[str] | None = None) -> int:
         merged, grids, left_out = pool(runs, tags)
     else:
         merged, grids = merge(runs, tags)
+    unknown = sorted(set(args.drop) - set(merged["methods"]))
+    if unknown:
+        parser.error(f"--drop: no method {', '.join(unknown)} in these runs")
+    for label in args.drop:
+        del merged["methods"][label]
+        grids.pop(label, None)
     args.out.mkdir(parents=True, exist_ok=True)
     for label, grid in grids.items():
         if grid.is_file():

@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -784,6 +785,19 @@ def test_merge_eval_replaces_methods_run_by_run_and_refuses_other_settings(tmp_p
     assert list(tagged["methods"]) == ["a/classic:50", "a/encoder", "b/encoder"]
     assert tagged["methods"]["a/encoder"]["identity"] == 0.2
     assert _merge_module()._short("a" * 40 + "+dirty + " + "b" * 40) == "aaaaaaa+dirty + bbbbbbb"
+
+
+def test_merge_eval_drops_the_methods_it_is_told_to(tmp_path, capsys):
+    main = _merge_module().main
+    report = Path(__file__).resolve().parents[2] / "benchmarks/results/world-v3.1/eval/test-seed0"
+    assert main([str(tmp_path / "out"), str(report), "--drop", "encoder+refine:50"]) == 0
+    merged = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert "encoder+refine:50" not in merged["methods"] and "encoder+refine:25" in merged["methods"]
+    assert not (tmp_path / "out" / "grids" / "encoder+refine-50.png").exists()
+    assert "| encoder+refine:50 |" not in (tmp_path / "out" / "results.md").read_text()
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "other"), str(report), "--drop", "encoder+refine:7"])
+    assert "no method encoder+refine:7" in capsys.readouterr().err
 
 
 def test_merge_eval_rates_every_method_at_the_last_runs_threshold(tmp_path):
