@@ -4,7 +4,8 @@ Methods are added run by run; a method present in a later run replaces the earli
 (e.g. the encoder rows after the encoder was retrained). The merged `results.json` keeps,
 per method, the run it came from (`source`: folder, commit, date, threads). Fallback-check
 columns are kept only for methods scored with the last run's check and are rated at its
-threshold, so one table never mixes two checks or two thresholds. Runs that differ in suite, concepts, seed, samples, steps or guidance are refused.
+threshold, so one table never mixes two checks or two thresholds. Runs that differ in suite,
+concepts, seed, samples, steps or guidance are refused.
 
     python benchmarks/merge_eval.py runs/eval-merged runs/eval-classic runs/eval-encoder
 
