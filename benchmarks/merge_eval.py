@@ -50,6 +50,7 @@ def merge(runs: list[Path], tags: dict[Path, str] | None = None) -> tuple[dict, 
     """Merged results and, per method, the grid file it came with (if any). `tags`: per run,
     a prefix for its labels ("TAG/label")."""
     from oneword.errors import OnewordError
+    from oneword.evaluation.metrics import fallback_rates
 
     merged: dict | None = None
     grids: dict[str, Path] = {}
@@ -83,8 +84,6 @@ def merge(runs: list[Path], tags: dict[Path, str] | None = None) -> tuple[dict, 
         # The header names the last run's files; each method's source keeps its own.
         merged["checkpoints"] = results.get("checkpoints")
     assert merged is not None
-    from oneword.evaluation.metrics import fallback_rates
-
     config = merged["config"]
     last_check = config.get("check") or "loss"
     threshold, right_identity = config.get("check_threshold"), config.get("right_identity", 0.5)
